@@ -1,0 +1,92 @@
+"""Command line: parse, build a config, call the library. Nothing else lives here.
+
+`toolkit train` flags are generated from the config dataclasses (`toolkit.config.leaf_fields`),
+one flag per field. Every `ToolkitError` becomes one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from toolkit.config import DATA_SOURCES, RECIPES, build_train_config, leaf_fields
+from toolkit.errors import ToolkitError
+
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; defaults are SUPPRESSed so recipes can fill what was not given."""
+    for group, f in leaf_fields():
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        base = str(f.type).replace(" | None", "")
+        if base == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _TYPES[base]
+            kwargs["metavar"] = f.name.upper() if base == "str" else base.upper()
+        if f.name == "recipe":
+            kwargs["choices"] = sorted(RECIPES)
+        elif "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        default = f.default if f.default is not argparse.SUPPRESS else None
+        parser.add_argument(_flag(f.name), help=f"{help_text} [{group or 'train'}; default {default!r}]", **kwargs)
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", choices=DATA_SOURCES, default=argparse.SUPPRESS, help="dataset source (default: the run's)")
+    parser.add_argument("--data-dir", dest="data_dir", default=argparse.SUPPRESS, help="dataset folder (default: the run's)")
+    parser.add_argument("--cache-dir", dest="cache_dir", default=argparse.SUPPRESS, help="decoded-split cache folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (run under `accelerate launch` for several processes)")
+    add_config_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="overall and per-class accuracy of a run's final weights")
+    p.add_argument("--run", type=Path, required=True, help="run folder (runs/<name>)")
+    _data_flags(p)
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
+    p.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from toolkit.train import train
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    train(build_train_config(values))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from toolkit.evaluate import evaluate_run
+
+    overrides = {k: getattr(args, k) for k in ("data", "data_dir", "cache_dir") if hasattr(args, k)}
+    evaluate_run(args.run, overrides, args.split, args.json_out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ToolkitError as exc:
+        print(f"toolkit {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"toolkit {args.command}: interrupted", file=sys.stderr)
+        return 130
