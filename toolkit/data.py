@@ -269,13 +269,13 @@ def _load_imagefolder(root: Path, cache_dir: Path) -> tuple[Split, Split | None]
 def _decode_cached(name: str, files: dict[str, list[Path]], classes: list[str], cache_dir: Path) -> Split:
     """Decode an image-folder split once; later loads read the cache if no file name or byte changed."""
     h = hashlib.sha256(f"v{_CACHE_VERSION}/{json.dumps(classes)}".encode())
-    blobs: list[tuple[bytes, int]] = []
+    blobs: list[tuple[Path, bytes, int]] = []
     for label, c in enumerate(classes):
         for path in files.get(c, []):
             data = path.read_bytes()
             h.update(f"{c}/{path.name}/{len(data)}".encode())
             h.update(data)
-            blobs.append((data, label))
+            blobs.append((path, data, label))
     cache = cache_dir / f"imagefolder-{h.hexdigest()[:24]}.safetensors"
     if cache.exists():
         try:
@@ -284,9 +284,9 @@ def _decode_cached(name: str, files: dict[str, list[Path]], classes: list[str], 
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
     images = torch.empty((len(blobs), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
-    for i, (data, _) in enumerate(blobs):
-        images[i] = decode_image(data, source=f"{name} image #{i}")
-    labels = torch.tensor([label for _, label in blobs], dtype=torch.long)
+    for i, (path, data, _) in enumerate(blobs):
+        images[i] = decode_image(data, source=str(path))
+    labels = torch.tensor([label for _, _, label in blobs], dtype=torch.long)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
@@ -306,7 +306,8 @@ def decode_image(data: bytes, source: str) -> torch.Tensor:
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
             array = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{source}: not a readable image ({exc})") from None
+        reason = "unknown or truncated image format" if isinstance(exc, Image.UnidentifiedImageError) else exc
+        raise DataError(f"{source}: not a readable image ({reason})") from None
     return array.view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1)
 
 
@@ -325,7 +326,7 @@ def make_synthetic(train_size: int, test_size: int, num_classes: int = 10) -> tu
         labels = torch.arange(n) % num_classes
         labels = labels[torch.randperm(n, generator=g)]
         noise = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
-        pixels = 128 + 50 * prototypes[labels] + 40 * noise
+        pixels = 128 + 70 * prototypes[labels] + 25 * noise
         return Split(name, pixels.clamp(0, 255).round().to(torch.uint8), labels, classes)
 
     return draw("train", train_size), draw("test", test_size)
