@@ -47,6 +47,7 @@ class TrainState:
     batches_done: int = 0
     global_step: int = 0
     train_seconds: float = 0.0  # wall-clock seconds spent in training steps so far (not eval, not I/O)
+    nan_skips: int = 0  # batches skipped for a non-finite loss (--on-nan skip)
 
 
 def sha256_file(path: Path) -> str:
@@ -161,7 +162,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, sche
             f"checkpoint {path} was written by {record.get('num_processes')} processes, this run has "
             f"{accelerator.num_processes}: resume with the same process count")
     _set_rng_state(torch.load(rng, weights_only=True))
-    return TrainState(record["epoch"], record["batches_done"], record["global_step"], record["train_seconds"])
+    return TrainState(**{k: record[k] for k in asdict(TrainState())})
 
 
 def _rng_state() -> dict[str, Any]:

@@ -21,6 +21,7 @@ from toolkit.errors import ConfigError
 DATA_SOURCES = ("cifar10", "imagefolder", "synthetic")
 SCHEDULES = ("none", "onecycle", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
+ON_NAN = ("stop", "skip")
 
 
 def _field(default: Any, help: str, **meta: Any) -> Any:
@@ -108,6 +109,10 @@ class TrainConfig:
     max_steps: int | None = _field(None, "stop after this many optimizer steps (for smoke runs)")
     log_every: int = _field(50, "write a metrics.jsonl line every N optimizer steps")
     threads: int | None = _field(None, "torch intra-op threads per process (default: torch's choice)")
+    on_nan: str = _field("stop", "on a non-finite loss: stop the run (naming the step) or skip the batch", choices=ON_NAN)
+    max_nan_skips: int = _field(10, "with --on-nan skip: stop after this many skipped batches")
+    quiet: bool = _field(False, "plain log lines instead of a progress bar")
+    dist_timeout: int = _field(600, "seconds a process waits for the others in a collective before failing")
     expect_processes: int | None = _field(
         None, "fail unless the launcher really started this many processes (default: what the launcher announced)"
     )
@@ -126,6 +131,9 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         _check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+        _check(self.on_nan in ON_NAN, "on_nan", f"expected one of {ON_NAN}, got {self.on_nan!r}")
+        _check(self.max_nan_skips >= 0, "max_nan_skips", f"must be >= 0, got {self.max_nan_skips}")
+        _check(self.dist_timeout >= 1, "dist_timeout", f"must be >= 1, got {self.dist_timeout}")
         _check(self.expect_processes is None or self.expect_processes >= 1, "expect_processes",
                f"must be >= 1, got {self.expect_processes}")
         _check(self.resume is None or bool(self.resume), "resume", "must be 'latest' or a checkpoint folder")

@@ -16,11 +16,13 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -28,9 +30,11 @@ from toolkit.checkpoint import TrainState, find_latest, list_checkpoints, load_c
     verify_checkpoint
 from toolkit.config import TrainConfig
 from toolkit.data import load_splits, make_loader
-from toolkit.errors import CheckpointError, ConfigError, LaunchError
+from toolkit.errors import CheckpointError, ConfigError, DivergenceError, Interrupted, LaunchError
 from toolkit.evaluate import EvalResult, evaluate
 from toolkit.models import build_model
+from toolkit.progress import Progress
+from toolkit.signals import GracefulStop
 from toolkit.runs import CHECKPOINTS, CONFIG, EVAL, METRICS, MODEL, MetricsLog, default_run_name, save_model, \
     versions
 
@@ -72,7 +76,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     # cpu=True on a machine without a GPU makes N launched processes join one gloo group; without
     # it, torchrun-style launches on CPU give N unconnected rank-0 runs.
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.optim.grad_accum_steps)
+                              gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])
     announced = next((int(os.environ[k]) for k in _LAUNCHER_WORLD_SIZE if os.environ.get(k)), 1)
     expected = cfg.expect_processes or announced
     if accelerator.num_processes != expected:
@@ -90,11 +95,14 @@ def resolve_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path 
     run_dir = Path(name[0])
     resume_from = None
     if cfg.resume == "latest":
-        if not (run_dir / CHECKPOINTS).is_dir():
-            raise CheckpointError(f"--resume latest: {run_dir} holds no checkpoints/ (give --output-dir of the run)")
-        resume_from, skipped = find_latest(run_dir / CHECKPOINTS)
-        for line in skipped:
-            accelerator.print(f"warning: skipping {line}")
+        # Restart loops call `--resume latest` blindly: with no checkpoint yet, start from step 0.
+        candidates = list_checkpoints(run_dir / CHECKPOINTS)
+        if candidates:
+            resume_from, skipped = find_latest(run_dir / CHECKPOINTS)
+            for line in skipped:
+                accelerator.print(f"warning: skipping {line}")
+        else:
+            accelerator.print(f"--resume latest: no checkpoint in {run_dir / CHECKPOINTS}: starting from step 0")
     elif cfg.resume:
         path = Path(cfg.resume)
         if (path / CHECKPOINTS).is_dir() and not (path / "state.json").exists():
@@ -146,7 +154,7 @@ def train(cfg: TrainConfig) -> Path:
         state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
         accelerator.print(f"resumed from {resume_from} at step {state.global_step} "
                           f"(epoch {state.epoch + 1}, batch {state.batches_done})")
-    metrics = MetricsLog(run_dir / METRICS, state.global_step if resume_from else None) \
+    metrics = MetricsLog(run_dir / METRICS, state.global_step if cfg.resume else None) \
         if accelerator.is_main_process else None
     if accelerator.is_main_process:
         _write_config(run_dir, cfg, accelerator, splits, eval_split.name, eval_note, steps_per_epoch, total_steps)
@@ -160,26 +168,29 @@ def train(cfg: TrainConfig) -> Path:
         save_checkpoint(accelerator, run_dir / CHECKPOINTS, state, model, optimizer, scheduler,
                         cfg.keep_checkpoints)
 
-    while state.epoch < cfg.epochs and state.global_step < total_steps:
-        train_dl.set_epoch(state.epoch)  # data order and augmentation from (seed, epoch)
-        train_dl.dataset.set_epoch(state.epoch)
-        loader = accelerator.skip_first_batches(train_dl, state.batches_done) if state.batches_done else train_dl
-        train_loss = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator, state, cfg,
-                                     total_steps, metrics, checkpoint)
-        if state.global_step >= total_steps and state.batches_done < len(train_dl):
-            checkpoint()  # stopped mid-epoch by --max-steps
-            break
-        val = evaluate(model, val_dl, accelerator, classes, "val") if val_dl else None
-        record = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.global_step, "train_loss": train_loss,
-                  "train_seconds": round(state.train_seconds, 3),
-                  "val_accuracy": val.accuracy if val else None, "val_loss": val.loss if val else None}
-        if metrics:
-            metrics.write(record)
-        accelerator.print(f"epoch {state.epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}"
-                          + (f", val accuracy {100 * val.accuracy:.1f} %" if val else "")
-                          + f", {state.train_seconds:.1f} s training")
-        state.epoch, state.batches_done = state.epoch + 1, 0
-        checkpoint()
+    progress = Progress(total_steps, state.global_step, accelerator.is_main_process, cfg.quiet, cfg.log_every)
+    with GracefulStop() as stop:
+        while state.epoch < cfg.epochs and state.global_step < total_steps:
+            train_dl.set_epoch(state.epoch)  # data order and augmentation from (seed, epoch)
+            train_dl.dataset.set_epoch(state.epoch)
+            loader = accelerator.skip_first_batches(train_dl, state.batches_done) if state.batches_done else train_dl
+            train_loss = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator, state, cfg,
+                                         total_steps, metrics, progress, stop, checkpoint)
+            if state.global_step >= total_steps and state.batches_done < len(train_dl):
+                checkpoint()  # stopped mid-epoch by --max-steps
+                break
+            val = evaluate(model, val_dl, accelerator, classes, "val") if val_dl else None
+            record = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.global_step, "train_loss": train_loss,
+                      "train_seconds": round(state.train_seconds, 3),
+                      "val_accuracy": val.accuracy if val else None, "val_loss": val.loss if val else None}
+            if metrics:
+                metrics.write(record)
+            progress.write(f"epoch {state.epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}"
+                           + (f", val accuracy {100 * val.accuracy:.1f} %" if val else "")
+                           + f", {state.train_seconds:.1f} s training")
+            state.epoch, state.batches_done = state.epoch + 1, 0
+            checkpoint()
+    progress.close()
 
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), run_dir / MODEL, cfg.model, classes)
@@ -192,24 +203,62 @@ def train(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    nonfinite: bool  # some process saw a non-finite loss; no process updated the weights
+    stop: bool  # some process received SIGTERM/SIGINT
+
+
+def train_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer, loss_fn, accelerator: Accelerator,
+               stop_requested: bool = False) -> StepResult:
+    """Forward, a cross-process check, then backward and (on accumulation boundaries) an optimizer step.
+
+    The check is one all-reduce of two flags, so every process takes the same branch: skipping a
+    backward on one rank only would deadlock the gradient all-reduce of the others.
+    """
+    with accelerator.accumulate(model):
+        logits = model(images)  # prepare() wrapped forward in autocast for bf16/fp16
+        loss = loss_fn(logits.float(), labels)  # the loss in fp32 whatever the autocast dtype
+        flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop_requested)], device=accelerator.device)
+        flags = accelerator.reduce(flags, "sum")
+        nonfinite, stop = bool(flags[0] > 0), bool(flags[1] > 0)
+        if nonfinite:
+            optimizer.zero_grad(set_to_none=True)  # drop this batch and anything accumulated with it
+        else:
+            accelerator.backward(loss)
+            optimizer.step()  # a no-op between accumulation boundaries
+            optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss.detach(), nonfinite, stop)
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: Accelerator, state: TrainState,
-                    cfg: TrainConfig, total_steps: int, metrics: MetricsLog | None, checkpoint) -> float:
-    """One pass over `loader` (possibly resumed mid-epoch); returns the mean loss of this process's batches."""
+                    cfg: TrainConfig, total_steps: int, metrics: MetricsLog | None, progress: Progress,
+                    stop: GracefulStop, checkpoint) -> float:
+    """One pass over `loader` (possibly resumed mid-epoch); returns the mean loss of this process's batches.
+
+    Raises `DivergenceError` on a non-finite loss (unless skipping is allowed) and `Interrupted`
+    after checkpointing when a stop signal arrived.
+    """
     model.train()
     loss_sum, batches = 0.0, 0
     window_loss, window_batches, window_images, window_start = 0.0, 0, 0, time.perf_counter()
     for images, labels in loader:
         step_start = time.perf_counter()
-        with accelerator.accumulate(model):
-            logits = model(images)  # prepare() wrapped forward in autocast for bf16/fp16
-            loss = loss_fn(logits.float(), labels)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        result = train_step(model, images, labels, optimizer, loss_fn, accelerator, stop.requested)
         state.batches_done += 1
-        loss_value = loss.item()
-        loss_sum, batches = loss_sum + loss_value, batches + 1
-        window_loss, window_batches = window_loss + loss_value, window_batches + 1
+        if result.nonfinite:
+            where = f"step {state.global_step + 1} (epoch {state.epoch + 1}, batch {state.batches_done})"
+            if cfg.on_nan == "stop" or state.nan_skips >= cfg.max_nan_skips:
+                raise DivergenceError(f"non-finite loss at {where}; weights were not updated. "
+                                      + ("Lower --lr, or pass --on-nan skip" if cfg.on_nan == "stop" else
+                                         f"--max-nan-skips {cfg.max_nan_skips} exhausted"))
+            state.nan_skips += 1
+            progress.write(f"warning: non-finite loss at {where}: batch skipped ({state.nan_skips}/{cfg.max_nan_skips})")
+        else:
+            loss_value = result.loss.item()
+            loss_sum, batches = loss_sum + loss_value, batches + 1
+            window_loss, window_batches = window_loss + loss_value, window_batches + 1
         window_images += len(labels) * accelerator.num_processes
         state.train_seconds += time.perf_counter() - step_start
         if not accelerator.sync_gradients:
@@ -217,14 +266,20 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: A
         scheduler.step()
         state.global_step += 1
         if state.global_step % cfg.log_every == 0 or state.global_step == total_steps:
-            mean_loss = accelerator.reduce(torch.tensor(window_loss / window_batches, device=accelerator.device),
-                                           "mean").item()
-            elapsed = time.perf_counter() - window_start
+            mean_loss = accelerator.reduce(
+                torch.tensor(window_loss / max(window_batches, 1), device=accelerator.device), "mean").item()
+            images_per_s = window_images / (time.perf_counter() - window_start)
             if metrics:
                 metrics.write({"kind": "step", "step": state.global_step, "epoch": state.epoch + 1,
-                               "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                               "images_per_s": window_images / elapsed, "train_seconds": round(state.train_seconds, 3)})
+                               "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "images_per_s": images_per_s,
+                               "train_seconds": round(state.train_seconds, 3)})
+            progress.step(state.global_step, state.epoch + 1, cfg.epochs, mean_loss, scheduler.get_last_lr()[0],
+                          images_per_s)
             window_loss, window_batches, window_images, window_start = 0.0, 0, 0, time.perf_counter()
+        if result.stop:
+            checkpoint()
+            raise Interrupted(f"stopped by signal after step {state.global_step}; checkpoint written. "
+                              f"Continue with: --resume latest --output-dir <this run>")
         if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
             checkpoint()
         if state.global_step >= total_steps:
