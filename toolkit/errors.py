@@ -26,3 +26,38 @@ class CheckpointError(ToolkitError):
 
 class LaunchError(ToolkitError):
     """The process topology is not what was asked for (for example a world-size mismatch)."""
+
+
+class DivergenceError(ToolkitError):
+    """Training produced a non-finite loss."""
+
+    exit_code = 4
+
+
+class Interrupted(ToolkitError):
+    """Stopped by SIGTERM/SIGINT after writing a checkpoint; `--resume latest` continues.
+
+    75 is EX_TEMPFAIL: a temporary failure, worth retrying.
+    """
+
+    exit_code = 75
+
+
+class ArtifactError(ToolkitError):
+    """A missing, unreadable or mismatched export artifact (model file, manifest, metadata)."""
+
+
+class InputError(ToolkitError, ValueError):
+    """A batch that does not fit the model input (rank, shape, dtype, non-finite values)."""
+
+
+class VerificationError(ToolkitError):
+    """An exported artifact does not behave like the eager model (reported after the table)."""
+
+    exit_code = 3
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for wrapping a library's multi-line error into one line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
