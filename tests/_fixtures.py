@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import pytest
 
 from tests.conftest import assert_ok, run_cli
@@ -64,10 +66,8 @@ def rehash(export_dir: Path, name: str) -> None:
     path.write_text(json.dumps(manifest))
 
 
-def edit_onnx(path: Path, edit) -> None:
+def edit_onnx(path: Path, edit: Callable[[onnx.ModelProto], None]) -> None:
     """Load an ONNX file, let `edit(model_proto)` change it, save it back in one file."""
-    import onnx
-
     model = onnx.load(str(path))
     edit(model)
     onnx.save_model(model, str(path), save_as_external_data=False)

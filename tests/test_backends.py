@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper
 
 from tests._fixtures import Export, edit_onnx, exported  # noqa: F401 - `exported` is a fixture
-from toolkit.backends import ArtifactMetadata, Backend, load_backend
+from toolkit.backends import ArtifactMetadata, Backend, default_providers, load_backend
 from toolkit.data import MEAN, STD, make_synthetic, normalize
 from toolkit.errors import ArtifactError, InputError
 
@@ -128,7 +128,14 @@ def test_onnx_without_toolkit_metadata_is_refused(exported: Export, tmp_path: Pa
         load_backend(path)
 
 
-def test_onnx_runtime_threads_and_cpu_provider(exported: Export) -> None:
-    backend = load_backend(exported.dir / "model.onnx", threads=1)
-    assert backend.providers == ["CPUExecutionProvider"]  # no CUDA on the test machine
+def test_onnx_runtime_threads_and_providers(exported: Export, monkeypatch) -> None:
+    import onnxruntime
+
+    backend = load_backend(exported.dir / "model.onnx", threads=1, providers=["CPUExecutionProvider"])
+    assert backend.providers == ["CPUExecutionProvider"]
     assert backend.session.get_session_options().intra_op_num_threads == 1
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert default_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]

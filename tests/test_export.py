@@ -217,3 +217,19 @@ def test_export_bad_flags(exported: Export, tmp_path: Path, capsys, args: list[s
 
 def test_export_of_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert_clean_error(cli(capsys, "export", "--run", tmp_path, "--out", tmp_path / "x"), str(tmp_path), "not a run folder")
+
+
+def test_torchscript_falls_back_to_tracing_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    from toolkit.export import write_torchscript
+    from toolkit.models import TutorialNet
+
+    def script_fails(module):
+        raise RuntimeError("simulated scripting failure")
+
+    monkeypatch.setattr(torch.jit, "script", script_fails)
+    with pytest.warns(FutureWarning, match=r"torch\.jit\.trace"):  # export_run turns these into one line
+        info = write_torchscript(TutorialNet().eval(), tmp_path / "model.ts",
+                                 ArtifactMetadata(CLASSES, list(MEAN), list(STD)))
+    assert info["method"] == "trace" and "simulated scripting failure" in info["note"]
+    backend = load_backend(tmp_path / "model.ts")
+    assert backend.classes == CLASSES and backend.predict_logits(_batches()[7]).shape == (7, 10)

@@ -61,6 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write TorchScript, ONNX and torch.export files (+ manifest) from a run")
+    p.add_argument("--run", type=Path, required=True, help="run folder (runs/<name>)")
+    p.add_argument("--out", type=Path, default=None, help="export folder (default: exports/<run folder name>)")
+    p.add_argument("--formats", default="torchscript,onnx,pt2", help="comma-separated subset of torchscript,onnx,pt2")
+    p.add_argument("--checkpoint", default=None,
+                   help="export this checkpoint (a folder, or step_N under the run's checkpoints/) instead of the final weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("verify", help="check every exported file against the eager model over a whole split")
+    p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="export folder (exports/<name>)")
+    _data_flags(p)
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--json-out", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute logit tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative logit tolerance (default 1e-4)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per runtime")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("predict", help="label image files with an exported model (.onnx, .ts, .pt2)")
+    p.add_argument("artifact", type=Path, metavar="PATH", help="model.onnx, model.ts, model.pt2 or eager weights")
+    p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG/JPEG files, any size")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--top-k", dest="top_k", type=int, default=1, help="classes shown per image (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runtime")
+    p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
+                   help="use the file even if its sha256 differs from the manifest.json beside it")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 
@@ -77,6 +106,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("data", "data_dir", "cache_dir") if hasattr(args, k)}
     evaluate_run(args.run, overrides, args.split, args.json_out)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from toolkit.export import export_run, parse_formats
+
+    export_run(args.run, args.out, parse_formats(args.formats), args.checkpoint, args.overwrite)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from toolkit.verify import verify_and_report
+
+    overrides = {k: getattr(args, k) for k in ("data", "data_dir", "cache_dir") if hasattr(args, k)}
+    verify_and_report(args.export_dir, overrides, args.split, args.atol, args.rtol, args.json_out, args.threads)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from toolkit.predict import predict_and_report
+
+    predict_and_report(args.artifact, args.images, args.top_k, args.threads, args.check_hash, args.json)
     return 0
 
 

@@ -1,0 +1,92 @@
+"""Label image files with an exported model (or the eager weights), through `toolkit.backends`.
+
+Images are decoded exactly as training decoded image folders (`toolkit.data.decode_image`: RGB,
+bilinear resize to 32×32) and normalized with the mean/std embedded in the artifact itself, so the
+artifact is the single source of truth for its own preprocessing and labels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit.backends import load_backend
+from toolkit.errors import ArtifactError, ConfigError, DataError
+
+
+@dataclass
+class Prediction:
+    image: str
+    label: str
+    probability: float
+    top: list[tuple[str, float]]  # the top-k (class, probability), most likely first
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.image, "class": self.label, "probability": self.probability,
+                "top_k": [{"class": c, "probability": p} for c, p in self.top]}
+
+
+def load_images(paths: Sequence[Path]) -> torch.Tensor:
+    """Image files -> N×3×32×32 uint8; a missing or unreadable file is a `DataError` naming it."""
+    if not paths:
+        raise ConfigError("no images given: pass one or more image files (PNG, JPEG, ...)")
+    from toolkit.data import decode_image
+
+    images = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+        images.append(decode_image(data, source=str(path)))
+    return torch.stack(images)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)  # no overflow for large logits
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_images(artifact: Path, images: Sequence[Path], top_k: int = 1, threads: int | None = None,
+                   check_hash: bool = True) -> list[Prediction]:
+    """Class and probability for each image file, from any artifact `load_backend` accepts.
+
+    With `check_hash`, an artifact listed in a manifest.json beside it must still have its recorded sha256.
+    """
+    from toolkit.export import hash_mismatch
+
+    if check_hash and (problem := hash_mismatch(Path(artifact))):
+        raise ArtifactError(f"{problem} (pass --no-hash-check to use it anyway)")
+    pixels = load_images(images)
+    backend = load_backend(artifact, threads=threads)
+    if not 1 <= top_k <= len(backend.classes):
+        raise ConfigError(f"--top-k: must be between 1 and {len(backend.classes)}, got {top_k}")
+    probs = softmax(backend.predict_logits(backend.metadata.normalize(pixels)).astype(np.float64))
+    out = []
+    for path, p in zip(images, probs):
+        order = np.argsort(-p, kind="stable")[:top_k]
+        top = [(backend.classes[i], float(p[i])) for i in order]
+        out.append(Prediction(str(path), top[0][0], top[0][1], top))
+    return out
+
+
+def format_predictions(predictions: Sequence[Prediction]) -> str:
+    width = max(len(p.image) for p in predictions)
+    return "\n".join(f"{p.image:<{width}s}  " + ", ".join(f"{c} {100 * q:.1f} %" for c, q in p.top)
+                     for p in predictions)
+
+
+def predict_and_report(artifact: Path, images: Sequence[Path], top_k: int = 1, threads: int | None = None,
+                       check_hash: bool = True, as_json: bool = False,
+                       log: Callable[[str], None] = print) -> list[Prediction]:
+    """`toolkit predict`: print one line per image, or a JSON list with `as_json`."""
+    predictions = predict_images(artifact, images, top_k, threads, check_hash)
+    log(json.dumps([p.to_json() for p in predictions], indent=2) if as_json else format_predictions(predictions))
+    return predictions
