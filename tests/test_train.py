@@ -136,3 +136,13 @@ def test_evaluate_command_reports_per_class_and_json(tmp_path):
     assert result == {**load_json(run / "eval.json"), "loss": pytest.approx(result["loss"])}
     assert_clean_error(run_cli("evaluate", "--run", str(tmp_path / "nope")), "not a run folder")
     assert_clean_error(run_cli("evaluate", "--run", str(run), "--split", "val"), "validation split is empty")
+
+
+def test_log_with_tensorboard_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    assert_ok(run_cli("train", *TINY, "--epochs", "1", "--batch-size", "50", "--lr", "0.1",
+                      "--log-with", "tensorboard", "--output-dir", str(run)))
+    assert list(run.rglob("events.out.tfevents.*"))
+    assert_clean_error(run_cli("train", *TINY, "--log-with", "nosuch", "--output-dir", str(tmp_path / "x")),
+                       "--log-with nosuch", "Unsupported logging capability")

@@ -112,6 +112,9 @@ class TrainConfig:
     on_nan: str = _field("stop", "on a non-finite loss: stop the run (naming the step) or skip the batch", choices=ON_NAN)
     max_nan_skips: int = _field(10, "with --on-nan skip: stop after this many skipped batches")
     quiet: bool = _field(False, "plain log lines instead of a progress bar")
+    log_with: str | None = _field(
+        None, "also log metrics to these Accelerate trackers, comma-separated (tensorboard, wandb, mlflow, ...; "
+        "each must be installed); metrics.jsonl is always written")
     dist_timeout: int = _field(600, "seconds a process waits for the others in a collective before failing")
     expect_processes: int | None = _field(
         None, "fail unless the launcher really started this many processes (default: what the launcher announced)"
@@ -149,10 +152,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "seed": {},
     # Tuned on the shared CIFAR-10 training split (5,000 held out) on a 2-core CPU; see README.
     "fast": {
-        "epochs": 12,
-        "batch_size": 64,
+        "epochs": 15,
+        "batch_size": 128,
         "augment": True,
-        "lr": 0.05,
+        "lr": 0.1,
         "nesterov": True,
         "weight_decay": 5e-4,
         "schedule": "onecycle",

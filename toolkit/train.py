@@ -21,8 +21,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -30,7 +30,7 @@ from toolkit.checkpoint import TrainState, find_latest, list_checkpoints, load_c
     verify_checkpoint
 from toolkit.config import TrainConfig
 from toolkit.data import load_splits, make_loader
-from toolkit.errors import CheckpointError, ConfigError, DivergenceError, Interrupted, LaunchError
+from toolkit.errors import CheckpointError, ConfigError, DivergenceError, Interrupted, LaunchError, first_line
 from toolkit.evaluate import EvalResult, evaluate
 from toolkit.models import build_model
 from toolkit.progress import Progress
@@ -66,38 +66,47 @@ class LRSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """An Accelerator for this config; rejects fp16 on CPU and a launcher/world-size mismatch."""
+def build_accelerator(cfg: TrainConfig) -> tuple[Accelerator, Path]:
+    """An Accelerator for this config and the run folder (the same on every process).
+
+    Rejects fp16 on CPU and a launcher/world-size mismatch before any work is done.
+    """
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or \
         not torch.accelerator.is_available()
     if cfg.mixed_precision == "fp16" and use_cpu:
         # Accelerate would silently train in fp32 on CPU.
         raise ConfigError("--mixed-precision fp16: needs a GPU and this run is on the CPU; use bf16 on CPU")
     # cpu=True on a machine without a GPU makes N launched processes join one gloo group; without
-    # it, torchrun-style launches on CPU give N unconnected rank-0 runs.
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.optim.grad_accum_steps,
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])
+    # it, torchrun-style launches on CPU give N unconnected rank-0 runs. The timeout bounds how
+    # long survivors wait in a collective when another process has died.
+    state = PartialState(cpu=use_cpu, timeout=timedelta(seconds=cfg.dist_timeout))
     announced = next((int(os.environ[k]) for k in _LAUNCHER_WORLD_SIZE if os.environ.get(k)), 1)
     expected = cfg.expect_processes or announced
-    if accelerator.num_processes != expected:
+    if state.num_processes != expected:
         raise LaunchError(
             f"world size mismatch: {expected} processes were asked for "
             f"({'--expect-processes' if cfg.expect_processes else 'launcher environment'}) but Accelerate sees "
-            f"{accelerator.num_processes}. On CPU launch with launch/cpu-2proc.yaml (see launch/README.md)")
-    return accelerator
-
-
-def resolve_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | None]:
-    """The run folder (same on every process) and the checkpoint to resume from, if any."""
+            f"{state.num_processes}. On CPU launch with launch/cpu-2proc.yaml (see launch/README.md)")
     name = [cfg.output_dir or str(Path("runs") / default_run_name())]
     broadcast_object_list(name)  # one timestamp for all processes
-    run_dir = Path(name[0])
+    trackers = [t.strip() for t in cfg.log_with.split(",") if t.strip()] if cfg.log_with else None
+    try:
+        accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.mixed_precision,
+                                  gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+                                  log_with=trackers, project_dir=name[0])
+    except (ValueError, ImportError) as exc:
+        if not trackers:
+            raise
+        raise ConfigError(f"--log-with {cfg.log_with}: {first_line(exc)}") from None
+    return accelerator, Path(name[0])
+
+
+def resolve_resume(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to train over an existing run by accident."""
     resume_from = None
     if cfg.resume == "latest":
         # Restart loops call `--resume latest` blindly: with no checkpoint yet, start from step 0.
-        candidates = list_checkpoints(run_dir / CHECKPOINTS)
-        if candidates:
+        if list_checkpoints(run_dir / CHECKPOINTS):
             resume_from, skipped = find_latest(run_dir / CHECKPOINTS)
             for line in skipped:
                 accelerator.print(f"warning: skipping {line}")
@@ -119,16 +128,16 @@ def resolve_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path 
         except OSError as exc:
             raise CheckpointError(f"--output-dir {run_dir}: cannot create ({exc.strerror})") from None
     accelerator.wait_for_everyone()
-    return run_dir, resume_from
+    return resume_from
 
 
 def train(cfg: TrainConfig) -> Path:
     """Train, checkpoint and evaluate one run; return its folder."""
-    accelerator = build_accelerator(cfg)
+    accelerator, run_dir = build_accelerator(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
-    run_dir, resume_from = resolve_run(cfg, accelerator)
+    resume_from = resolve_resume(cfg, run_dir, accelerator)
 
     splits = load_splits(cfg.data)
     classes = splits.train.classes
@@ -163,6 +172,8 @@ def train(cfg: TrainConfig) -> Path:
                       f"mixed precision {accelerator.mixed_precision}, {total_steps} steps")
     if eval_note:
         accelerator.print(f"note: {eval_note}")
+    if cfg.log_with:
+        accelerator.init_trackers(run_dir.name, config=_hparams(cfg))
 
     def checkpoint() -> None:
         save_checkpoint(accelerator, run_dir / CHECKPOINTS, state, model, optimizer, scheduler,
@@ -185,6 +196,7 @@ def train(cfg: TrainConfig) -> Path:
                       "val_accuracy": val.accuracy if val else None, "val_loss": val.loss if val else None}
             if metrics:
                 metrics.write(record)
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=state.global_step)
             progress.write(f"epoch {state.epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}"
                            + (f", val accuracy {100 * val.accuracy:.1f} %" if val else "")
                            + f", {state.train_seconds:.1f} s training")
@@ -269,10 +281,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: A
             mean_loss = accelerator.reduce(
                 torch.tensor(window_loss / max(window_batches, 1), device=accelerator.device), "mean").item()
             images_per_s = window_images / (time.perf_counter() - window_start)
+            record = {"kind": "step", "step": state.global_step, "epoch": state.epoch + 1, "loss": mean_loss,
+                      "lr": scheduler.get_last_lr()[0], "images_per_s": images_per_s,
+                      "train_seconds": round(state.train_seconds, 3)}
             if metrics:
-                metrics.write({"kind": "step", "step": state.global_step, "epoch": state.epoch + 1,
-                               "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "images_per_s": images_per_s,
-                               "train_seconds": round(state.train_seconds, 3)})
+                metrics.write(record)
+            accelerator.log({k: record[k] for k in ("loss", "lr", "images_per_s")}, step=state.global_step)
             progress.step(state.global_step, state.epoch + 1, cfg.epochs, mean_loss, scheduler.get_last_lr()[0],
                           images_per_s)
             window_loss, window_batches, window_images, window_start = 0.0, 0, 0, time.perf_counter()
@@ -285,6 +299,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: A
         if state.global_step >= total_steps:
             break
     return loss_sum / max(batches, 1)
+
+
+def _hparams(cfg: TrainConfig) -> dict[str, int | float | str | bool]:
+    """The config flattened to the scalar types every tracker accepts."""
+    flat = {k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)}
+    for group in ("data", "optim"):
+        flat.update(cfg.to_dict()[group])
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
 def write_eval(result: EvalResult, path: Path) -> None:
