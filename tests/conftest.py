@@ -31,12 +31,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(config: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def accelerate_launch_cmd(config: str, *args: str) -> list[str]:
     """`accelerate launch --config_file launch/CONFIG -m toolkit ARGS` on a free port."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / config),
-           "--main_process_port", str(free_port()), "-m", "toolkit", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / config),
+            "--main_process_port", str(free_port()), "-m", "toolkit", *args]
+
+
+def accelerate_launch(config: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(accelerate_launch_cmd(config, *args), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -7,6 +7,7 @@ including kills while a checkpoint is being written, and prints a report.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -147,3 +148,60 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     assert f"--output-dir {blocker / 'run'}: cannot create" in proc.stderr
 
 
+
+
+def test_disk_full_during_checkpoint_keeps_earlier_checkpoints(tmp_path):
+    """Cap file size below a checkpoint's model file (like a full disk): a clear error, nothing lost."""
+    import resource
+
+    run = tmp_path / "run"
+    assert_ok(run_cli("train", *TINY, "--epochs", "1", "--batch-size", "50", "--output-dir", str(run)))
+    before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # bytes; model.safetensors is ~250 kB
+
+    proc = subprocess.run([sys.executable, "-m", "toolkit", "train", *TINY, "--epochs", "2", "--batch-size", "50",
+                           "--resume", "latest", "--output-dir", str(run)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, preexec_fn=limit_file_size)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "cannot write checkpoint" in proc.stderr and "earlier checkpoints are untouched" in proc.stderr
+    after = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before  # no partial folder left, the good checkpoint intact
+
+
+def test_overwrite_replaces_only_run_files(tmp_path):
+    run = tmp_path / "run"
+    assert_ok(run_cli("train", *TINY, "--epochs", "1", "--batch-size", "50", "--output-dir", str(run)))
+    (run / "notes.txt").write_text("mine")
+    old_steps = [p.name for p in list_checkpoints(run / "checkpoints")]
+    assert_ok(run_cli("train", *TINY, "--epochs", "1", "--batch-size", "100", "--output-dir", str(run), "--overwrite"))
+    assert (run / "notes.txt").read_text() == "mine"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_4"] != old_steps
+    assert json.loads((run / "config.json").read_text())["batch_size"] == 100
+
+
+def test_killed_rank_ends_the_job_and_it_resumes(tmp_path):
+    """SIGKILL one of two ranks: the launcher exits non-zero promptly; --resume latest finishes the run."""
+    import psutil
+
+    from tests.conftest import accelerate_launch_cmd
+
+    run = tmp_path / "run"
+    cmd = accelerate_launch_cmd("cpu-2proc.yaml", "train", *ARGS, "--output-dir", str(run), "--resume", "latest")
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert _wait_for(launcher, lambda: _last_step(run) >= 40, timeout=180)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "toolkit" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert time.monotonic() - killed_at < 60  # no hang waiting for the dead rank
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_ok(proc)
+    assert "resumed from" in proc.stdout
+    assert json.loads((run / "eval.json").read_text())["n"] == 100

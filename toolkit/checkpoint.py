@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, first_line
 
 STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -71,29 +72,35 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, state: Trai
     """Atomically write a checkpoint of every process's state; all processes must call this."""
     final = checkpoints_dir / f"step_{state.global_step}"
     tmp = checkpoints_dir / f".step_{state.global_step}.tmp"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_file(accelerator.unwrap_model(model).state_dict(), tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        for p in tmp.iterdir():
-            _fsync(p)
-        record = {**asdict(state), "num_processes": accelerator.num_processes, "files": files, **(extra or {})}
-        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
-        _fsync(tmp / STATE_FILE)
-        if final.exists():  # a re-run of the same step after a resume: replace it atomically enough
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(checkpoints_dir)
-        _rotate(checkpoints_dir, keep)
+    try:
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file(accelerator.unwrap_model(model).state_dict(), tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            for p in tmp.iterdir():
+                _fsync(p)
+            record = {**asdict(state), "num_processes": accelerator.num_processes, "files": files, **(extra or {})}
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
+            _fsync(tmp / STATE_FILE)
+            if final.exists():  # the same step written again after a resume: the new copy is complete
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(checkpoints_dir)
+            _rotate(checkpoints_dir, keep)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, quota, unwritable (torch.save wraps OSError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}; earlier checkpoints are untouched") \
+            from None
     accelerator.wait_for_everyone()
     return final
 
@@ -125,6 +132,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path}: unreadable {STATE_FILE} ({exc})") from None
     for name, digest in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"checkpoint {path}: {STATE_FILE} lists {name!r}, not a file of this folder")
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: missing {name}")

@@ -55,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("run", help="train, evaluate, export all formats, verify them, draw pictures, write report.md")
+    add_config_flags(p)
+    p.add_argument("--export-dir", dest="export_dir", type=Path, default=None,
+                   help="export folder (default: exports/<run folder name>)")
+    p.add_argument("--formats", default="torchscript,onnx,pt2", help="comma-separated subset of torchscript,onnx,pt2")
+    p.add_argument("--atol", type=float, default=1e-4, help="verification: absolute logit tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-4, help="verification: relative logit tolerance (default 1e-4)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="rebuild a run's report.md and pictures from its files")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder (runs/<name>)")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("evaluate", help="overall and per-class accuracy of a run's final weights")
     p.add_argument("--run", type=Path, required=True, help="run folder (runs/<name>)")
     _data_flags(p)
@@ -90,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
                    help="use the file even if its sha256 differs from the manifest.json beside it")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("bench-report", help="Markdown table and bar chart of saved benchmark results (make bench)")
+    p.add_argument("files", type=Path, nargs="*", metavar="FILE",
+                   help="pytest-benchmark JSON files (default: the newest benchmarks/results/*.json)")
+    p.add_argument("--json", action="store_true",
+                   help="print the inference rows as JSON {backend, batch, threads, median_ms, images_per_s, "
+                        "speedup_vs_eager} instead of Markdown")
+    p.add_argument("--png", type=Path, default=None,
+                   help="bar chart path (default: beside the newest FILE, .png; with --json only when given)")
+    p.add_argument("--no-png", dest="no_png", action="store_true", help="do not write the bar chart")
+    p.set_defaults(func=_cmd_bench_report)
     return parser
 
 
@@ -98,6 +122,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     train(build_train_config(values))
+    return 0
+
+
+_RUN_FLAGS = ("export_dir", "formats", "atol", "rtol")  # `toolkit run` flags that are not config fields
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from toolkit.export import parse_formats
+    from toolkit.pipeline import run_pipeline
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "func", *_RUN_FLAGS)}
+    run_pipeline(build_train_config(values), args.export_dir, parse_formats(args.formats), args.atol, args.rtol)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from toolkit.report import build_report
+
+    print(f"report: {build_report(args.run)}")
     return 0
 
 
@@ -131,6 +174,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    from toolkit.bench_report import bench_report
+
+    bench_report(args.files, args.json, args.png, args.no_png)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -141,3 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"toolkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, unwritable folder: the file and the reason, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"toolkit {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2

@@ -105,6 +105,7 @@ class TrainConfig:
     output_dir: str | None = _field(None, "run folder (default runs/<timestamp>)")
     checkpoint_every: int = _field(0, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (the newest K)")
+    overwrite: bool = _field(False, "replace the run already in --output-dir (its checkpoints, metrics and weights)")
     resume: str | None = _field(None, "'latest' (newest checkpoint in --output-dir) or a checkpoint folder")
     max_steps: int | None = _field(None, "stop after this many optimizer steps (for smoke runs)")
     log_every: int = _field(50, "write a metrics.jsonl line every N optimizer steps")
@@ -140,6 +141,7 @@ class TrainConfig:
         _check(self.expect_processes is None or self.expect_processes >= 1, "expect_processes",
                f"must be >= 1, got {self.expect_processes}")
         _check(self.resume is None or bool(self.resume), "resume", "must be 'latest' or a checkpoint folder")
+        _check(not (self.overwrite and self.resume), "overwrite", "cannot be combined with --resume")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

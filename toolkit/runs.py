@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,13 @@ def load_model(path: Path) -> TrainedModel:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit model {name!r}: {str(exc).splitlines()[0]}") from None
     return TrainedModel(model.float().eval(), name, classes, path)
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """Delete what a training run wrote into `run_dir` (for --overwrite), leaving anything else."""
+    for name in (CONFIG, METRICS, MODEL, EVAL):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:

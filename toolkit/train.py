@@ -35,8 +35,8 @@ from toolkit.evaluate import EvalResult, evaluate
 from toolkit.models import build_model
 from toolkit.progress import Progress
 from toolkit.signals import GracefulStop
-from toolkit.runs import CHECKPOINTS, CONFIG, EVAL, METRICS, MODEL, MetricsLog, default_run_name, save_model, \
-    versions
+from toolkit.runs import CHECKPOINTS, CONFIG, EVAL, METRICS, MODEL, MetricsLog, default_run_name, \
+    remove_run_files, save_model, versions
 
 # Environment variables through which launchers announce the world size they started
 # (torchrun / accelerate's multi-process launcher, then MPI flavours).
@@ -120,8 +120,11 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator) ->
             verify_checkpoint(path)
             resume_from = path
     elif (run_dir / CONFIG).exists() or list_checkpoints(run_dir / CHECKPOINTS):
-        raise CheckpointError(f"--output-dir {run_dir} already holds a run: pass --resume latest to continue it, "
-                              "or choose another --output-dir")
+        if not cfg.overwrite:
+            raise CheckpointError(f"--output-dir {run_dir} already holds a run: pass --resume latest to continue it, "
+                                  "--overwrite to replace it, or choose another --output-dir")
+        if accelerator.is_main_process:
+            remove_run_files(run_dir)  # only the files a run writes, never the rest of the folder
     if accelerator.is_main_process:
         try:
             (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
