@@ -7,6 +7,7 @@ one flag per field. Every `ToolkitError` becomes one line on stderr and a non-ze
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,21 +25,22 @@ def _flag(name: str) -> str:
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field; defaults are SUPPRESSed so recipes can fill what was not given."""
-    for group, f in leaf_fields():
-        help_text = f.metadata.get("help", "")
+    for _, f in leaf_fields():
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         base = str(f.type).replace(" | None", "")
         if base == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _TYPES[base]
-            kwargs["metavar"] = f.name.upper() if base == "str" else base.upper()
-        if f.name == "recipe":
-            kwargs["choices"] = sorted(RECIPES)
-        elif "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        default = f.default if f.default is not argparse.SUPPRESS else None
-        parser.add_argument(_flag(f.name), help=f"{help_text} [{group or 'train'}; default {default!r}]", **kwargs)
+        choices = sorted(RECIPES) if f.name == "recipe" else f.metadata.get("choices")
+        if choices:
+            kwargs["choices"] = choices
+        elif base != "bool":
+            kwargs["metavar"] = base.upper() if base != "str" else f.name.upper()
+        default = f.default if f.default is not dataclasses.MISSING else None
+        by_recipe = ", ".join(f"{r}: {v[f.name]!r}" for r, v in RECIPES.items() if f.name in v)
+        shown = f"default {default!r}" + (f"; recipe {by_recipe}" if by_recipe else "")
+        parser.add_argument(_flag(f.name), help=f"{f.metadata.get('help', '')} [{shown}]", **kwargs)
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
