@@ -1,0 +1,196 @@
+"""report.md from hand-made run folders (no training): numbers, failures, missing parts, reproduce commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests._fixtures import cli
+from tests.conftest import assert_clean_error, assert_ok
+from tests.test_plots import assert_png
+from toolkit.cli import build_parser
+from toolkit.config import build_train_config
+from toolkit.evaluate import EvalResult
+from toolkit.models import build_model
+from toolkit.report import build_report, read_run_files, render_markdown, save_predictions
+from toolkit.runs import save_model
+from toolkit.verify import FormatResult, VerifyReport
+
+CLASSES = [f"class{i}" for i in range(10)]
+FORMATS = {"eager": "model.safetensors", "torchscript": "model.ts", "pt2": "model.pt2", "onnxruntime": "model.onnx"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading numbers back out of report.md (also used by test_pipeline)
+
+
+def parse_report(text: str) -> dict:
+    """The numbers report.md states, as the strings it printed them with."""
+    overall = re.search(r"^Accuracy of the network on the (\d+) (\w+) images: ([\d.]+) %$", text, re.M)
+    per_class = dict(re.findall(r"^Accuracy for class: (\S+)\s+is ([\d.]+) %$", text, re.M))
+    rows = {m[0]: {"file": m[1], "size": m[2], "sha256": m[3], "max_diff": m[4], "agreement": m[5],
+                   "accuracy": m[6], "result": m[7]}
+            for m in re.findall(r"^\| (\w+) \| `([^`]+)` \| (\S+ KiB|\?) \| `?(\w+|\?)`? \| (\S+) \| ([\d.]+) % \| "
+                                r"([\d.]+) % \| (ok|\*\*FAIL\*\*) \|$", text, re.M)}
+    return {"n": overall[1], "split": overall[2], "accuracy": overall[3], "per_class": per_class, "formats": rows}
+
+
+def expected_numbers(evaluation: dict, verify: dict | None, manifest: dict | None) -> dict:
+    """The same numbers formatted from the JSON they came from."""
+    formats = {}
+    for name, r in (verify or {"formats": {}})["formats"].items():
+        entry = (manifest or {}).get("files", {}).get(r["file"], {})
+        formats[name] = {"file": r["file"], "size": f"{entry['size'] / 1024:,.1f} KiB",
+                         "sha256": entry["sha256"][:12], "max_diff": f"{r['max_abs_logit_diff']:.2e}",
+                         "agreement": f"{100 * r['agreement']:.2f}", "accuracy": f"{100 * r['accuracy']:.1f}",
+                         "result": "ok" if r["passed"] else "**FAIL**"}
+    return {"n": str(evaluation["n"]), "split": evaluation["split"], "accuracy": f"{100 * evaluation['accuracy']:.1f}",
+            "per_class": {c: f"{100 * a:.1f}" for c, a in evaluation["per_class"].items()}, "formats": formats}
+
+
+def run_commands(text: str) -> list[list[str]]:
+    """The shell commands of the Reproduce section, continuation lines joined, as argv lists."""
+    block = text.split("## Reproduce", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.replace(" \\\n", " ").splitlines() if not line.startswith("#")]
+
+
+# ---------------------------------------------------------------------------------------------
+# A hand-made run folder, written with the toolkit's own JSON classes
+
+
+def make_run(root: Path, *, verified: bool = True, failing: bool = False, grid: bool = True, processes: int = 1,
+             **flags) -> Path:
+    run = root / "runs" / "fake"
+    run.mkdir(parents=True)
+    cfg = build_train_config({"data": "synthetic", "output_dir": str(run), "epochs": 2, "batch_size": 32, **flags})
+    runtime = {"num_processes": processes, "distributed_type": "DistributedType.NO", "mixed_precision": "no",
+               "device": "cpu", "torch_threads": 1, "global_batch_size": 32 * processes, "steps_per_epoch": 3,
+               "total_steps": 6, "versions": {"toolkit": "0.1.0", "torch": torch.__version__},
+               "data": {"source": "synthetic", "classes": CLASSES, "train": 90, "val": 10, "eval_split": "test",
+                        "eval_note": None}}
+    (run / "config.json").write_text(json.dumps({**cfg.to_dict(), "runtime": runtime}, indent=2))
+    records = []
+    for step in range(1, 7):
+        records.append({"kind": "step", "step": step, "epoch": 1 + (step > 3), "loss": 2.3 - 0.2 * step,
+                        "lr": 0.1, "images_per_s": 1000.0 + step, "train_seconds": 0.1 * step})
+        if step % 3 == 0:
+            records.append({"kind": "epoch", "epoch": step // 3, "step": step, "train_loss": 2.0 / step,
+                            "train_seconds": 0.1 * step, "val_accuracy": 0.3 * step / 3, "val_loss": 1.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    confusion = torch.from_numpy(np.random.default_rng(0).integers(0, 9, size=(10, 10))) + 20 * torch.eye(10, dtype=torch.long)
+    evaluation = EvalResult(confusion, CLASSES, "test", 0.8123)
+    (run / "eval.json").write_text(json.dumps(evaluation.to_json()))
+    save_model(build_model("tutorial", 10), run / "model.safetensors", "tutorial", CLASSES)
+    if verified:
+        results = [FormatResult(name, file, 1e-7 * i, 1.0 - 0.01 * i, evaluation.accuracy - 0.001 * i,
+                                evaluation.per_class, 0, True) for i, (name, file) in enumerate(FORMATS.items())]
+        if failing:
+            results[-1].failures.append("max |Δlogit| 1 exceeds the tolerance on 3 of 300 images")
+        report = VerifyReport(root / "exports" / "fake", "test", evaluation.n, CLASSES, 1e-4, 1e-4, results)
+        (run / "verify.json").write_text(json.dumps(report.to_json()))
+        files = {file: {"format": "eager" if name == "eager" else name.replace("onnxruntime", "onnx"),
+                        "size": 1000 * (i + 200), "sha256": f"{i:x}" * 64} for i, (name, file) in enumerate(FORMATS.items())}
+        (run / "export_manifest.json").write_text(json.dumps({"files": files}))
+    if grid:
+        rng = np.random.default_rng(1)
+        labels = np.arange(12) % 10
+        save_predictions(run, rng.integers(0, 256, size=(12, 3, 32, 32), dtype=np.uint8), labels, (labels + (labels == 3)) % 10)
+    return run
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def markdown(run: Path) -> str:
+    """report.md's text without drawing the pictures (drawing is what takes the time)."""
+    pictures = {name: f"plots/{name}.png" for name in ("training", "confusion", "per_class", "predictions")}
+    files = read_run_files(run)
+    return render_markdown(files, pictures if files.predictions is not None else
+                           {k: v for k, v in pictures.items() if k != "predictions"})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete fake run with its report and pictures built."""
+    run = make_run(tmp_path_factory.mktemp("report"))
+    build_report(run)
+    return run
+
+
+def test_report_numbers_equal_the_json(built):
+    text = (built / "report.md").read_text()
+    assert parse_report(text) == expected_numbers(_json(built / "eval.json"), _json(built / "verify.json"),
+                                                  _json(built / "export_manifest.json"))
+    assert "all 3 exported formats (torchscript, pt2, onnxruntime) match the eager model" in text
+    assert "62,006 parameters" in text  # the tutorial net, counted from the weights file
+    assert "| 1 | 3 | 0.6667 | 1.5000 | 30.0 % | 0.3 |" in text  # the epoch table, from metrics.jsonl
+    assert "1 mistake(s)" in text  # the grid: class3 predicted as class4
+    for picture in ("training", "confusion", "per_class", "predictions"):
+        assert f"](plots/{picture}.png)" in text
+        assert_png(built / "plots" / f"{picture}.png", height=(150, 2000))
+
+
+def test_toolkit_report_rebuilds_the_same_report(built, capsys):
+    first = (built / "report.md").read_text()
+    (built / "report.md").unlink()
+    for png in (built / "plots").glob("*.png"):
+        png.unlink()
+    proc = cli(capsys, "report", built)
+    assert_ok(proc)
+    assert proc.stdout.strip() == f"report: {built / 'report.md'}"
+    assert (built / "report.md").read_text() == first
+    assert len(list((built / "plots").glob("*.png"))) == 4
+
+
+def test_failed_verification_is_shown(tmp_path):
+    text = markdown(make_run(tmp_path, failing=True))
+    assert "**FAILED**: onnxruntime differ(s) from the eager model" in text
+    assert parse_report(text)["formats"]["onnxruntime"]["result"] == "**FAIL**"
+    assert "- **FAIL** onnxruntime (`model.onnx`): max |Δlogit| 1 exceeds the tolerance" in text
+
+
+def test_a_run_without_export_or_grid_still_gets_a_report(tmp_path):
+    run = make_run(tmp_path, verified=False, grid=False)
+    text = build_report(run).read_text()
+    assert parse_report(text) == expected_numbers(_json(run / "eval.json"), None, None)
+    assert "not exported and verified" in text and "## Test images" not in text
+    assert sorted(p.name for p in (run / "plots").glob("*.png")) == ["confusion.png", "per_class.png", "training.png"]
+
+
+@pytest.mark.parametrize("flags", [{}, {"recipe": "seed", "lr": 0.02, "augment": True, "mixed_precision": "bf16"},
+                                   {"augment": False, "val_fraction": 0.0, "schedule": "cosine"}])
+def test_reproduce_command_rebuilds_the_config(tmp_path, flags):
+    run = make_run(tmp_path, **flags)
+    commands = run_commands(markdown(run))
+    assert [c[:2] for c in commands] == [["toolkit", "run"], ["toolkit", "train"], ["toolkit", "export"],
+                                         ["toolkit", "verify"], ["toolkit", "predict"], ["toolkit", "report"]]
+    saved = _json(run / "config.json")
+    saved.pop("runtime")
+    for argv in commands[:2]:
+        args = vars(build_parser().parse_args(argv[1:]))
+        values = {k: v for k, v in args.items() if k not in ("command", "func", "export_dir", "formats", "atol", "rtol")}
+        assert build_train_config(values).to_dict() == saved
+    assert build_parser().parse_args(commands[0][1:]).export_dir == tmp_path / "exports" / "fake"
+    assert commands[3][-2:] == ["--json-out", str(run / "verify.json")]
+
+
+def test_several_processes_are_reproduced_with_accelerate_launch(tmp_path):
+    commands = run_commands(markdown(make_run(tmp_path, processes=2)))
+    launch = ["accelerate", "launch", "--config_file", "launch/cpu-2proc.yaml", "--num_processes", "2", "-m", "toolkit"]
+    assert commands[0][:9] == [*launch, "run"] and commands[1][:9] == [*launch, "train"]
+
+
+def test_missing_and_unfinished_run_folders_are_one_line_errors(tmp_path, capsys):
+    assert_clean_error(cli(capsys, "report", tmp_path / "nowhere"), "nowhere: no such run folder")
+    run = make_run(tmp_path, verified=False)
+    (run / "eval.json").unlink()
+    assert_clean_error(cli(capsys, "report", run), "no eval.json", "--resume latest")
+    (run / "config.json").unlink()
+    assert_clean_error(cli(capsys, "report", run), "no config.json")

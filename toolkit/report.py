@@ -1,0 +1,379 @@
+"""`runs/<name>/report.md`: one page that says what was trained, how well, and whether every export can be trusted.
+
+The report and its pictures are rebuilt from the run folder's files alone (`toolkit report RUN`):
+
+runs/<name>/
+  config.json, metrics.jsonl, eval.json, model.safetensors   written by training (toolkit.runs)
+  verify.json            the export verification (toolkit.verify.VerifyReport.to_json); optional
+  export_manifest.json   a copy of the verified export's manifest.json (file sizes, hashes); optional,
+                         else the manifest in the export folder that verify.json names is read if present
+  plots/predictions.npz  the first evaluation images with their true and eager-predicted labels; optional
+  plots/*.png            written here from the files above
+  report.md              written here, last
+
+Plain Markdown with relative image links, so it renders on any Git host. Nothing in it depends on
+when it was built, so rebuilding an unchanged run gives the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import CheckpointError
+
+VERIFY = "verify.json"
+EXPORT_MANIFEST = "export_manifest.json"
+PLOTS = "plots"
+PREDICTIONS = "predictions.npz"
+REPORT = "report.md"
+TRAINING_PNG = "training.png"
+CONFUSION_PNG = "confusion.png"
+PER_CLASS_PNG = "per_class.png"
+GRID_PNG = "predictions.png"
+
+
+@dataclass
+class RunFiles:
+    """Everything the report reads, loaded from one run folder."""
+
+    run_dir: Path
+    config: dict[str, Any]  # config.json: the TrainConfig plus "runtime"
+    metrics: list[dict[str, Any]]
+    evaluation: dict[str, Any]  # eval.json
+    verify: dict[str, Any] | None
+    manifest: dict[str, Any] | None
+    predictions: dict[str, np.ndarray] | None  # images, labels, predictions
+    parameters: int | None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+def _count_parameters(path: Path) -> int | None:
+    """Numbers in the weights file, read from its header without loading the tensors (None: unreadable)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    except (SafetensorError, OSError):
+        return None
+
+
+def read_run_files(run_dir: Path) -> RunFiles:
+    """Load a finished run's files; raise `CheckpointError` when it is not a finished run."""
+    from toolkit.export import MANIFEST, read_manifest
+    from toolkit.runs import EVAL, MODEL, read_config, read_metrics
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder")
+    config = read_config(run_dir)
+    if not (run_dir / EVAL).is_file():
+        raise CheckpointError(f"{run_dir}: no {EVAL}, the run did not finish; continue it with "
+                              f"`toolkit run --resume latest --output-dir {run_dir}`")
+    verify = _read_json(run_dir / VERIFY) if (run_dir / VERIFY).is_file() else None
+    manifest = None
+    if (run_dir / EXPORT_MANIFEST).is_file():
+        manifest = _read_json(run_dir / EXPORT_MANIFEST)
+    elif verify is not None and (Path(verify["export_dir"]) / MANIFEST).is_file():
+        manifest = read_manifest(Path(verify["export_dir"]))
+    predictions = None
+    if (run_dir / PLOTS / PREDICTIONS).is_file():
+        with np.load(run_dir / PLOTS / PREDICTIONS) as saved:
+            predictions = {k: saved[k] for k in ("images", "labels", "predictions")}
+    return RunFiles(run_dir, config, read_metrics(run_dir), _read_json(run_dir / EVAL), verify, manifest,
+                    predictions, _count_parameters(run_dir / MODEL))
+
+
+def remove_outputs(run_dir: Path) -> None:
+    """Delete what `toolkit run` adds to a run folder, so a rerun that fails midway leaves no stale verdict."""
+    for name in (VERIFY, EXPORT_MANIFEST, REPORT):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+    shutil.rmtree(Path(run_dir) / PLOTS, ignore_errors=True)
+
+
+def save_predictions(run_dir: Path, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray) -> Path:
+    """Keep the grid's images and labels in the run folder, so `toolkit report` can redraw it without the data."""
+    path = Path(run_dir) / PLOTS / PREDICTIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, images=images, labels=labels, predictions=predictions)
+    return path
+
+
+def per_format_accuracy(run: RunFiles) -> dict[str, dict[str, float]]:
+    """Per-class accuracy of eager and every verified format; eager alone (eval.json) when not verified."""
+    if run.verify is None:
+        return {"eager": run.evaluation["per_class"]}
+    return {name: r["per_class"] for name, r in run.verify["formats"].items()}
+
+
+def render_plots(run: RunFiles) -> dict[str, str]:
+    """Draw every picture the run's files allow; return {picture: path relative to the run folder}."""
+    from toolkit import plots
+
+    evaluation, folder = run.evaluation, run.run_dir / PLOTS
+    classes = evaluation["classes"]
+    plots.plot_training_curves(run.metrics, folder / TRAINING_PNG, final=(evaluation["split"], evaluation["accuracy"]))
+    plots.plot_confusion(evaluation["confusion"], classes, folder / CONFUSION_PNG,
+                         title=f"Confusion matrix: {evaluation['n']} {evaluation['split']} images")
+    plots.plot_per_class_accuracy(classes, per_format_accuracy(run), folder / PER_CLASS_PNG)
+    drawn = {"training": TRAINING_PNG, "confusion": CONFUSION_PNG, "per_class": PER_CLASS_PNG}
+    if run.predictions is not None:
+        plots.plot_image_grid(run.predictions["images"], run.predictions["labels"].tolist(),
+                              run.predictions["predictions"].tolist(), classes, folder / GRID_PNG)
+        drawn["grid"] = GRID_PNG
+    return {name: f"{PLOTS}/{file}" for name, file in drawn.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands to reproduce
+
+
+def config_flags(config: dict[str, Any], output_dir: str) -> list[str]:
+    """`toolkit train`/`run` flags that rebuild `config` exactly.
+
+    The recipe, every field it sets (spelled out, so the command survives a retuned recipe) and
+    every field that differs from its default. `--resume` is left out: a fresh run reproduces a
+    resumed one (resume is bit-exact).
+    """
+    from toolkit.config import RECIPES, TrainConfig, leaf_fields
+
+    recipe = config["recipe"]
+    defaults = TrainConfig().to_dict()
+    flags = ["--recipe", recipe]
+    for group, f in leaf_fields():
+        if f.name in ("recipe", "resume"):
+            continue
+        value = output_dir if f.name == "output_dir" else (config[group] if group else config).get(f.name)
+        default = (defaults[group] if group else defaults)[f.name]
+        if value is None or (value == default and f.name not in RECIPES.get(recipe, {})):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _launcher(runtime: dict[str, Any]) -> list[str]:
+    """`toolkit` for one process; the `accelerate launch` equivalent for several."""
+    n = runtime["num_processes"]
+    if n == 1:
+        return ["toolkit"]
+    config = "cpu-2proc.yaml" if runtime["device"].startswith("cpu") else "multi-gpu.yaml"
+    return ["accelerate", "launch", "--config_file", f"launch/{config}", "--num_processes", str(n), "-m", "toolkit"]
+
+
+def _shell(*words: str, width: int = 100) -> str:
+    """Quoted words on continued lines of at most about `width` characters, a flag kept with its value."""
+    groups: list[str] = []
+    for word in map(shlex.quote, words):
+        if groups and not word.startswith("-") and groups[-1].startswith("-") and " " not in groups[-1]:
+            groups[-1] += " " + word
+        else:
+            groups.append(word)
+    lines = [groups[0]]
+    for group in groups[1:]:
+        if len(lines[-1]) + len(group) + 1 > width:
+            lines[-1] += " \\"
+            lines.append("    " + group)
+        else:
+            lines[-1] += " " + group
+    return "\n".join(lines)
+
+
+def reproduce_commands(run: RunFiles) -> list[str]:
+    """Shell lines: `toolkit run` with the run's exact settings, then the same as separate steps."""
+    from toolkit.export import FORMATS
+    from toolkit.verify import DEFAULT_ATOL, DEFAULT_RTOL
+
+    run_path = run.config.get("output_dir") or str(run.run_dir)
+    train_flags = config_flags(run.config, run_path)
+    export_dir = run.verify["export_dir"] if run.verify else str(Path("exports") / Path(run_path).name)
+    export_flags = ["--export-dir", export_dir]
+    export_step = ["--run", run_path, "--out", export_dir]
+    if run.manifest is not None:
+        formats = [e["format"] for e in run.manifest["files"].values() if e["format"] in FORMATS]
+        if set(formats) != set(FORMATS):
+            export_flags += ["--formats", ",".join(formats)]
+            export_step += ["--formats", ",".join(formats)]
+    tolerance = []
+    if run.verify and (run.verify["atol"], run.verify["rtol"]) != (DEFAULT_ATOL, DEFAULT_RTOL):
+        tolerance = ["--atol", str(run.verify["atol"]), "--rtol", str(run.verify["rtol"])]
+    files = [r["file"] for r in run.verify["formats"].values()] if run.verify else ["model.onnx"]
+    artifact = str(Path(export_dir) / ("model.onnx" if "model.onnx" in files else files[-1]))
+    launcher = _launcher(run.config["runtime"])
+    split = run.evaluation["split"]
+
+    return [
+        "# Everything (train, evaluate, export, verify, report); the run and export folders must not exist yet",
+        _shell(*launcher, "run", *train_flags, *export_flags, *tolerance),
+        "# The same, step by step",
+        _shell(*launcher, "train", *train_flags),
+        _shell("toolkit", "export", *export_step),
+        _shell("toolkit", "verify", export_dir, "--split", split, "--json-out", str(Path(run_path) / VERIFY), *tolerance),
+        _shell("toolkit", "predict", artifact, "IMAGE.png"),
+        _shell("toolkit", "report", run_path),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    """A Markdown table; `align` is one of l/r per column (default: first left, the rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "--:" for a in align]
+    return ["| " + " | ".join(cells) + " |" for cells in (header, rule, *rows)]
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f} %"
+
+
+def _verdict(verify: dict[str, Any] | None) -> str:
+    if verify is None:
+        return "not exported and verified (no verify.json)"
+    names = [n for n in verify["formats"] if n != "eager"]
+    if verify["passed"]:
+        return f"all {len(names)} exported formats ({', '.join(names)}) match the eager model"
+    failed = [n for n, r in verify["formats"].items() if not r["passed"]]
+    return f"**FAILED**: {', '.join(failed)} differ(s) from the eager model"
+
+
+def _summary(run: RunFiles) -> list[str]:
+    config, runtime, evaluation = run.config, run.config["runtime"], run.evaluation
+    data, optim = runtime["data"], config["optim"]
+    steps = [m for m in run.metrics if m["kind"] == "step"]
+    seconds = run.metrics[-1]["train_seconds"] if run.metrics else None
+    speed = statistics.median(m["images_per_s"] for m in steps) if steps else None
+    processes = (f"{runtime['num_processes']} ({runtime['distributed_type']}) on {runtime['device']}, "
+                 f"{runtime['torch_threads']} torch thread(s) each")
+    rows = [
+        ["Model", f"`{config['model']}`" + (f", {run.parameters:,} parameters" if run.parameters else "")],
+        ["Recipe", f"`{config['recipe']}`: {config['epochs']} epochs, SGD lr {optim['lr']:g} "
+                   f"(schedule {optim['schedule']}), momentum {optim['momentum']:g}"
+                   + (" Nesterov" if optim["nesterov"] else "")
+                   + f", weight decay {optim['weight_decay']:g}, label smoothing {optim['label_smoothing']:g}, "
+                   f"augmentation {'on' if config['data']['augment'] else 'off'}"],
+        ["Data", f"{data['source']}: {data['train']} train / {data['val']} val images, "
+                 f"{evaluation['n']} {evaluation['split']} images evaluated, {len(data['classes'])} classes"],
+        ["Batch", f"{config['batch_size']} per process, global {runtime['global_batch_size']}; "
+                  f"{runtime['total_steps']} optimizer steps ({runtime['steps_per_epoch']} per epoch)"],
+        ["Processes", processes],
+        ["Precision", f"mixed precision `{runtime['mixed_precision']}`, weights and exports fp32"],
+        ["Training time", f"{seconds:.1f} s" if seconds is not None else "unknown (no metrics)"],
+        ["Throughput", f"{speed:,.0f} images/s (median over logged intervals)" if speed else "unknown (no metrics)"],
+        ["Exports", _verdict(run.verify)],
+        ["Versions", ", ".join(f"{k} {v}" for k, v in runtime["versions"].items())],
+    ]
+    return _table(["", ""], rows, "ll")
+
+
+def _accuracy(run: RunFiles, pictures: dict[str, str]) -> list[str]:
+    import torch
+
+    from toolkit.evaluate import EvalResult
+
+    ev = run.evaluation
+    # The same text `toolkit train` and `toolkit evaluate` print: the tutorial's lines plus the matrix.
+    text = EvalResult(torch.tensor(ev["confusion"]), ev["classes"], ev["split"], ev["loss"]).format()
+    lines = [f"## Accuracy ({ev['split']} split, final weights)", "", "```text", text, "```", ""]
+    if ev.get("loss") is not None:
+        lines += [f"Mean {ev['split']} loss: {ev['loss']:.4f}", ""]
+    if data_note := run.config["runtime"]["data"].get("eval_note"):
+        lines += [f"Note: {data_note}.", ""]
+    return lines + [f"![Confusion matrix]({pictures['confusion']})", ""]
+
+
+def _training(run: RunFiles, pictures: dict[str, str]) -> list[str]:
+    epochs = [m for m in run.metrics if m["kind"] == "epoch"]
+
+    def maybe(value: float | None, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    rows = [[str(m["epoch"]), str(m["step"]), f"{m['train_loss']:.4f}", maybe(m["val_loss"], ".4f"),
+             "–" if m["val_accuracy"] is None else _pct(m["val_accuracy"]), f"{m['train_seconds']:.1f}"]
+            for m in epochs]
+    return (["## Training", "", f"![Loss, learning rate and accuracy]({pictures['training']})", ""]
+            + _table(["epoch", "step", "train loss", "val loss", "val accuracy", "training s"], rows) + [""])
+
+
+def _exports(run: RunFiles, pictures: dict[str, str]) -> list[str]:
+    verify = run.verify
+    lines = ["## Exports", ""]
+    if verify is None:
+        lines += ["Not exported and verified: this run folder has no verify.json (`toolkit run` writes it).", "",
+                  f"![Per-class accuracy]({pictures['per_class']})", ""]
+        return lines
+    files = (run.manifest or {}).get("files", {})
+    lines += [f"`{verify['export_dir']}` checked against the eager model on all {verify['n']} {verify['split']} images; "
+              f"a format passes when every logit is within {verify['atol']:g} + {verify['rtol']:g}·|eager logit|, "
+              "no confident prediction flips and its sha256 matches the manifest.", ""]
+    if verify.get("note"):
+        lines += [f"Note: {verify['note']}.", ""]
+    rows = []
+    for name, r in verify["formats"].items():
+        entry = files.get(r["file"], {})
+        size = f"{entry['size'] / 1024:,.1f} KiB" if "size" in entry else "?"
+        sha = f"`{entry['sha256'][:12]}`" if "sha256" in entry else "?"
+        rows.append([name, f"`{r['file']}`", size, sha, f"{r['max_abs_logit_diff']:.2e}", _pct(r["agreement"], 2),
+                     _pct(r["accuracy"]), "ok" if r["passed"] else "**FAIL**"])
+    lines += _table(["format", "file", "size", "sha256", "max abs Δlogit", "agreement", "accuracy", "result"], rows,
+                    "llrlrrrl")
+    lines.append("")
+    for name, r in verify["formats"].items():
+        lines += [f"- **FAIL** {name} (`{r['file']}`): {reason}" for reason in r["failures"]]
+    if not verify["passed"]:
+        lines.append("")
+    per_format = per_format_accuracy(run)
+    lines += _table(["class", *per_format], [[c, *(_pct(acc[c]) for acc in per_format.values())]
+                                             for c in verify["classes"]])
+    return lines + ["", f"![Per-class accuracy, eager next to each exported format]({pictures['per_class']})", ""]
+
+
+def _grid(run: RunFiles, pictures: dict[str, str]) -> list[str]:
+    if "grid" not in pictures:
+        return []
+    p = run.predictions
+    wrong = int((p["labels"] != p["predictions"]).sum())
+    return ["## Test images", "",
+            f"The first {len(p['labels'])} {run.evaluation['split']} images with their true class and the eager "
+            f"model's prediction; {wrong} mistake(s), framed in red.", "",
+            f"![Test images with true and predicted labels]({pictures['grid']})", ""]
+
+
+def render_markdown(run: RunFiles, pictures: dict[str, str]) -> str:
+    ev = run.evaluation
+    lines = [f"# Run `{run.run_dir.name}`", "",
+             f"**{_pct(ev['accuracy'])}** accuracy on {ev['n']} {ev['split']} images; exports: {_verdict(run.verify)}.",
+             "", "## Summary", "", *_summary(run), "",
+             *_accuracy(run, pictures), *_training(run, pictures), *_exports(run, pictures), *_grid(run, pictures),
+             "## Reproduce", "", "```sh", *reproduce_commands(run), "```", "",
+             "<details><summary>config.json</summary>", "", "```json", json.dumps(run.config, indent=2), "```", "",
+             "</details>", ""]
+    return "\n".join(lines)
+
+
+def build_report(run_dir: Path) -> Path:
+    """Redraw the pictures and write `report.md` from the run folder's files; return the report's path."""
+    run = read_run_files(Path(run_dir))
+    pictures = render_plots(run)
+    path = run.run_dir / REPORT
+    path.write_text(render_markdown(run, pictures))
+    return path
