@@ -1,0 +1,141 @@
+"""Helpers shared by the benchmark modules: sizes, thread pinning, timing and extra_info.
+
+Everything a report needs is written into `benchmark.extra_info`, so `toolkit bench-report` can
+build its tables from the saved JSON alone (see `toolkit/bench_report.py` for the keys it reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# "all" threads: every core of this machine unless TOOLKIT_BENCH_THREADS says otherwise. Torch
+# formats and ONNX Runtime are pinned to the same count so that their rows compare like with like.
+THREADS_ALL = int(os.environ.get("TOOLKIT_BENCH_THREADS") or os.cpu_count() or 1)
+
+
+def resolve_threads(setting: int | str) -> int | None:
+    """A thread setting of a parametrized case -> an explicit count (None: the runtime's default)."""
+    if setting == "all":
+        return THREADS_ALL
+    if setting == "default":
+        return None
+    return int(setting)
+
+
+def real_data_dir() -> Path | None:
+    """The shared real CIFAR-10 image folder (`DIR/train/<class>/*.jpg`), or None when absent.
+
+    `TOOLKIT_BENCH_DATA` points elsewhere; relative paths are taken from the repository root.
+    """
+    path = Path(os.environ.get("TOOLKIT_BENCH_DATA", "data/cifar10-jpg"))
+    path = path if path.is_absolute() else ROOT / path
+    return path if (path / "train").is_dir() else None
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big each benchmark is. `full` when timings are recorded, tiny when they are not."""
+
+    full: bool
+    seconds: float  # timing budget of one latency benchmark (s), warm-up not included
+    matmul_seconds: float  # duration of the matmul throughput probe (s)
+    epoch_images: int  # images in one measured training epoch
+    epoch_rounds: int  # measured epochs per epoch benchmark
+    launch_steps: int  # optimizer steps of each `accelerate launch` run
+    launch_log_every: int  # steps per images/s window in metrics.jsonl
+    export_rounds: int  # exports timed per format
+    verify_images: int  # images `toolkit verify` runs through every format
+    verify_rounds: int
+
+
+FULL = Scale(full=True, seconds=1.0, matmul_seconds=0.5, epoch_images=10_000, epoch_rounds=2,
+             launch_steps=240, launch_log_every=40, export_rounds=3, verify_images=10_000, verify_rounds=3)
+TINY = Scale(full=False, seconds=0.0, matmul_seconds=0.02, epoch_images=128, epoch_rounds=1,
+             launch_steps=4, launch_log_every=2, export_rounds=1, verify_images=200, verify_rounds=1)
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op thread count set to `threads` for the block (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def calibrate(fn: Callable[[], Any], budget_s: float, min_rounds: int = 5, max_rounds: int = 2000,
+              min_round_s: float = 2e-3) -> tuple[int, int, int]:
+    """(rounds, iterations per round, warm-up rounds) so that timing takes about `budget_s`.
+
+    A call shorter than `min_round_s` is repeated within a round (pytest-benchmark divides by the
+    iterations), so that timer resolution and loop overhead stay negligible at batch 1.
+    """
+    fn()  # first call: lazy initialization, allocator growth
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    iterations = max(1, math.ceil(min_round_s / once))
+    per_round = once * iterations
+    rounds = int(min(max(budget_s / per_round, min_rounds), max_rounds))
+    warmup = max(1, min(rounds // 10, math.ceil(0.2 / per_round)))
+    return rounds, iterations, warmup
+
+
+def time_call(benchmark, fn: Callable[[], Any], scale: Scale) -> Any:
+    """Benchmark `fn` (no arguments) within the scale's budget; disabled: one plain call."""
+    if benchmark.disabled:
+        return benchmark.pedantic(fn)
+    rounds, iterations, warmup = calibrate(fn, scale.seconds)
+    benchmark.extra_info.update(rounds=rounds, iterations=iterations, warmup_rounds=warmup)
+    return benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=warmup)
+
+
+def median_seconds(benchmark) -> float | None:
+    """The measured median of one call in seconds (None when benchmarking is disabled)."""
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else float(stats.stats.median)
+
+
+def record_throughput(benchmark, images: int, seconds: float | None, flops_per_image: int,
+                      peak_gflops: float | None) -> None:
+    """Images/s, achieved GFLOP/s and their share of the measured matmul peak, into extra_info.
+
+    `seconds` is the time for `images` images (None: disabled, nothing to record).
+    """
+    if seconds is None or seconds <= 0:
+        return
+    images_per_s = images / seconds
+    gflops = images_per_s * flops_per_image / 1e9
+    benchmark.extra_info.update(images_per_s=images_per_s, achieved_gflops=gflops)
+    if peak_gflops:
+        benchmark.extra_info.update(matmul_peak_gflops=peak_gflops, share_of_matmul_peak=gflops / peak_gflops)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def steady_images_per_s(records: list[dict[str, Any]]) -> tuple[float, int]:
+    """Median images/s of the step windows after the first (warm-up), and how many windows that is."""
+    windows = [r["images_per_s"] for r in records if r.get("kind") == "step" and "images_per_s" in r]
+    steady = windows[1:] or windows
+    if not steady:
+        raise AssertionError("metrics.jsonl holds no step record with images_per_s")
+    return statistics.median(steady), len(steady)

@@ -1,0 +1,166 @@
+"""Session fixtures of the benchmark suite: sizes, thread pinning, the trained and exported model,
+the inputs and eager reference logits, and the machine's measured matmul throughput.
+
+Sizes: with timings recorded (`--benchmark-enable`, as `make bench` runs) the model is trained
+for one epoch of `--recipe fast` on the shared real CIFAR-10 split when it is present (else on
+synthetic data), and the benchmarks use their full sizes. With benchmarking disabled (`make test`)
+every benchmark runs once on tiny synthetic inputs, so the suite cannot rot and stays cheap.
+`TOOLKIT_BENCH_SIZE=tiny|full` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.common import FULL, ROOT, THREADS_ALL, TINY, Scale, real_data_dir
+from benchmarks.flops import matmul_gflops, tutorialnet_flops
+
+
+_SESSION: dict[str, Any] = {}  # facts learned during the session, for the results file's machine_info
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """Record library versions, the pinned thread count and the data into the results JSON."""
+    import onnxruntime
+
+    import toolkit
+
+    machine_info["toolkit_bench"] = {
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                     "toolkit": toolkit.__version__},
+        "threads_all": THREADS_ALL,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        **_SESSION,
+    }
+
+
+def _benchmarks_enabled(config: pytest.Config) -> bool:
+    # Same rule as pytest-benchmark's session: disabled when --benchmark-disable is in force
+    # (pyproject's addopts) and --benchmark-enable is not given.
+    return not (config.getoption("benchmark_disable", False) and not config.getoption("benchmark_enable", False))
+
+
+@pytest.fixture(scope="session")
+def scale(pytestconfig: pytest.Config) -> Scale:
+    size = os.environ.get("TOOLKIT_BENCH_SIZE", "").lower()
+    if size not in ("", "tiny", "full"):
+        raise pytest.UsageError(f"TOOLKIT_BENCH_SIZE: expected tiny or full, got {size!r}")
+    full = size == "full" or (size == "" and _benchmarks_enabled(pytestconfig))
+    return FULL if full else TINY
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pin_session_threads() -> None:
+    """Every torch computation of the session runs on THREADS_ALL threads unless a benchmark pins
+    another count for its own block (see `benchmarks.common.pinned_threads`)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS_ALL)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def flops_per_image() -> int:
+    """Forward FLOPs per image of TutorialNet (benchmarks/flops.py: conv + linear, MAC = 2)."""
+    return tutorialnet_flops()
+
+
+@pytest.fixture(scope="session")
+def matmul_peak(scale: Scale) -> Callable[[int], float]:
+    """threads -> measured fp32 `torch.mm` GFLOP/s (1024×1024), measured once per thread count."""
+    cache: dict[int, float] = {}
+
+    def peak(threads: int) -> float:
+        if threads not in cache:
+            cache[threads] = matmul_gflops(threads, seconds=scale.matmul_seconds)
+        return cache[threads]
+
+    return peak
+
+
+def run_toolkit(*args: str, threads: int = THREADS_ALL, env: dict[str, str] | None = None,
+                timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m toolkit ARGS` from the repository root; fails the test with the output on error."""
+    proc = subprocess.run([sys.executable, "-m", "toolkit", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})})
+    if proc.returncode != 0:
+        pytest.fail(f"toolkit {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                    f"stderr:\n{proc.stderr[-3000:]}", pytrace=False)
+    return proc
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The benchmark model: a trained run, its export folder, and the data it came from."""
+
+    run: Path
+    export: Path
+    data: str  # "real" (shared CIFAR-10 images) or "synthetic"
+    data_args: list[str]  # `toolkit train` flags selecting that data (for further runs on it)
+    verify_overrides: dict[str, Any] = field(default_factory=dict)  # data overrides for verify_export
+    verify_split: str = "test"
+
+
+@pytest.fixture(scope="session")
+def trained(scale: Scale, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """Train once (through the real CLI) and export every format once (through the library)."""
+    from toolkit.export import export_run
+
+    base = tmp_path_factory.mktemp("bench-model")
+    real = real_data_dir() if scale.full else None
+    if real is not None:
+        # Real data: one epoch of the fast recipe; 20 % held out so that verify runs on exactly
+        # 10,000 images the model did not train on. The decoded split is cached in the user's cache.
+        data_args = ["--data", "imagefolder", "--data-dir", str(real)]
+        train_args = [*data_args, "--recipe", "fast", "--epochs", "1", "--val-fraction", "0.2"]
+        overrides, split = {}, "val"
+    else:
+        test_size = scale.verify_images
+        data_args = ["--data", "synthetic", "--synthetic-train-size", "2000" if scale.full else "300",
+                     "--synthetic-test-size", str(test_size), "--cache-dir", str(base / "cache")]
+        train_args = [*data_args, "--epochs", "3" if scale.full else "1", "--batch-size", "32", "--lr", "0.05",
+                      "--val-fraction", "0"]
+        overrides, split = {}, "test"
+    run = base / "run"
+    run_toolkit("train", *train_args, "--threads", str(THREADS_ALL), "--output-dir", str(run),
+                "--log-every", "1000000")
+    export = export_run(run, base / "export", log=lambda line: None)
+    _SESSION["data"] = (f"real CIFAR-10 images ({real})" if real else "synthetic images") + \
+        f", model trained with: toolkit train {' '.join(train_args)}"
+    return Trained(run, export, "real" if real else "synthetic", data_args, overrides, split)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Normalized float32 images for inference (1024 of them) and the eager model's logits on them."""
+
+    images: np.ndarray  # 1024×3×32×32 float32, normalized as in training
+    eager_logits: np.ndarray  # 1024×classes float32
+    source: str
+
+
+MAX_BATCH = 1024
+
+
+@pytest.fixture(scope="session")
+def inputs(trained: Trained) -> Inputs:
+    from toolkit.backends import load_backend
+    from toolkit.data import normalize
+    from toolkit.export import read_manifest
+    from toolkit.verify import load_verification_split
+
+    held, _ = load_verification_split(read_manifest(trained.export), trained.verify_overrides, trained.verify_split)
+    index = torch.arange(MAX_BATCH) % len(held)  # tiny splits are repeated up to the largest batch
+    images = normalize(held.images[index]).numpy()
+    eager = load_backend(trained.export / "model.safetensors")
+    return Inputs(images, eager.predict_logits(images), f"{trained.data} {held.name} split")

@@ -1,0 +1,91 @@
+"""GPU benchmarks (marked `gpu`): skipped cleanly on a machine without CUDA.
+
+- `test_gpu_onnxruntime[batch]`: ONNX Runtime with the CUDA execution provider through
+  `toolkit.backends.load_backend(providers=["CUDAExecutionProvider"])`, batch 1, 64 and 1024, host
+  numpy in and out (as `toolkit predict` uses it); outputs checked against eager on the CPU first.
+  Skipped when this onnxruntime build has no CUDA provider.
+- `test_gpu_train_step[precision-batch]`: `toolkit.train.train_step` on the GPU, fp32 vs bf16
+  autocast, batch 64 and 1024, data already on the device; every round ends with
+  `torch.cuda.synchronize()` so the time is the GPU's, not the launch queue's.
+
+The torch formats of `toolkit.backends` run on the CPU by design, so GPU inference is measured for
+ONNX Runtime only. Rounds are calibrated to about 1 s per case, as on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.common import Scale, median_seconds, record_throughput, time_call
+from benchmarks.flops import TRAINING_FACTOR
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name(0)
+
+
+@pytest.mark.parametrize("batch", [1, 64, 1024], ids=lambda b: f"b{b}")
+def test_gpu_onnxruntime(benchmark, trained, inputs, scale: Scale, flops_per_image: int, batch: int) -> None:
+    import onnxruntime as ort
+
+    from toolkit.backends import load_backend
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    backend = load_backend(trained.export / "model.onnx", providers=["CUDAExecutionProvider"])
+    if backend.providers[0] != "CUDAExecutionProvider":
+        pytest.skip(f"ONNX Runtime fell back to {backend.providers}")
+    x = np.ascontiguousarray(inputs.images[:batch])
+    np.testing.assert_allclose(backend.predict_logits(x), inputs.eager_logits[:batch], atol=1e-3, rtol=1e-3)
+    benchmark.group = f"gpu inference batch {batch}"
+    benchmark.extra_info.update(kind="inference", backend="onnxruntime-cuda", batch=batch, threads="gpu",
+                                device=_device_name(), flops_per_image=flops_per_image)
+    time_call(benchmark, lambda: backend.predict_logits(x), scale)
+    median = median_seconds(benchmark)
+    if median is not None:
+        record_throughput(benchmark, batch, median, flops_per_image, None)
+
+
+@pytest.mark.parametrize("batch", [64, 1024], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_train_step(benchmark, scale: Scale, flops_per_image: int, precision: str, batch: int) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from accelerate import Accelerator
+
+    from toolkit.models import build_model
+    from toolkit.train import train_step
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else "bf16")
+        torch.manual_seed(0)
+        model = build_model("tutorial", 10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        images = torch.randn(batch, 3, 32, 32, device=accelerator.device)
+        labels = torch.randint(0, 10, (batch,), device=accelerator.device)
+        loss_fn = nn.CrossEntropyLoss()
+
+        def step() -> None:
+            train_step(model, images, labels, optimizer, loss_fn, accelerator)
+            torch.cuda.synchronize()
+
+        benchmark.group = "gpu training step"
+        benchmark.extra_info.update(kind="train_step", label=f"gpu train_step {precision} batch {batch}",
+                                    precision=precision, batch=batch, threads="gpu", device=_device_name(),
+                                    flops_per_image=TRAINING_FACTOR * flops_per_image)
+        time_call(benchmark, step, scale)
+        median = median_seconds(benchmark)
+        if median is not None:
+            record_throughput(benchmark, batch, median, TRAINING_FACTOR * flops_per_image, None)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

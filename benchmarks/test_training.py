@@ -1,0 +1,339 @@
+"""Training throughput: the step, a whole epoch, 1 vs 2 processes, and time-to-accuracy.
+
+- `test_train_step[precision-batch]`: one `toolkit.train.train_step` (forward, fp32 loss, backward,
+  SGD step) on an in-memory batch, fp32 vs bf16 autocast, at batch 4 (the tutorial's) and the fast
+  recipe's batch (`RECIPES["fast"]`, 128), all cores (`torch.set_num_threads`). Rounds calibrated
+  to about 1 s.
+- `test_epoch[path-precision]`: one pass over the same `epoch_images` training images (10,000 of the
+  real CIFAR-10 split when present, else synthetic; evenly spaced over the classes) at the fast
+  recipe's batch size, every batch through `train_step`, with the model, optimizer and loader
+  prepared by Accelerate:
+    fast      the toolkit's in-memory loader (`toolkit.data.make_loader`, decoded once);
+    fast-aug  the same with the fast recipe's vectorized random crop + flip;
+    pil       the tutorial's way: `torchvision.datasets.ImageFolder` + `ToTensor` +
+              `Normalize((0.5,)*3, (0.5,)*3)`, `DataLoader(shuffle=True, num_workers=2)`, every
+              image decoded with PIL on every epoch (worker start-up included, as the tutorial
+              pays it every epoch). Without real data it reads a synthetic PNG folder.
+  Two measured epochs per case, after a few warm-up steps.
+- `test_launch[1proc|2proc]`: the real CLI under `accelerate launch` (`launch/single.yaml` vs
+  `launch/cpu-2proc.yaml`), `--recipe fast`, the same global batch B = the fast recipe's (B × 1
+  process × all cores vs B/2 × 2 processes × 1 thread each), `--max-steps 240`; images/s is the
+  median of the trainer's own `metrics.jsonl` windows (40 steps each) after the first; the
+  benchmark's time is the whole launch, start-up included.
+- `test_time_to_accuracy[fast|seed]`: `toolkit train --recipe fast` (its own epochs) and `--recipe
+  seed` (the tutorial: 2 epochs at batch 4) on the shared real data, all cores; the validation accuracy
+  after each epoch against the training seconds so far. Skipped without the real data.
+
+FLOPs of training: 3 × forward per image (benchmarks/flops.py); shares are of the fp32 matmul peak
+at the same thread count (this CPU has no bf16 matrix units, so fp32 is the fair yardstick).
+With benchmarking disabled every case runs once on tiny synthetic data.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.common import (ROOT, THREADS_ALL, Scale, median_seconds, pinned_threads, read_metrics,
+                               real_data_dir, record_throughput, steady_images_per_s, time_call)
+from benchmarks.flops import TRAINING_FACTOR
+from toolkit.config import RECIPES
+from toolkit.data import Split
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16"}  # benchmark id -> --mixed-precision
+EPOCH_BATCH = int(RECIPES["fast"].get("batch_size", 64))  # the tutorial's loader is measured at the same size
+TUTORIAL_WORKERS = 2  # the tutorial's DataLoader(num_workers=2)
+ACCURACY_THRESHOLDS = (0.40, 0.50, 0.55, 0.60, 0.65, 0.70)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture
+def accelerator_for():
+    """precision -> a fresh single-process Accelerator, set up as the trainer sets up its own
+    (`cpu=True` without a GPU, autocast for bf16).
+
+    Accelerate keeps one process-wide state that refuses a second mixed-precision setting, so it
+    is reset before each build and after the test.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    def build(precision: str) -> Accelerator:
+        reset()
+        return Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=PRECISIONS[precision])
+
+    yield build
+    reset()
+
+
+class EpochData:
+    """The same training images twice: an in-memory `Split` and a folder of image files."""
+
+    def __init__(self, split: Split, folder: Path, index: torch.Tensor | None, source: str) -> None:
+        self.split = split
+        self.folder = folder  # ImageFolder root: <folder>/<class>/<image>
+        self.index = index  # ImageFolder sample indices matching the split's images (None: all)
+        self.source = source
+
+
+@pytest.fixture(scope="session")
+def epoch_data(scale: Scale, tmp_path_factory: pytest.TempPathFactory) -> EpochData:
+    from toolkit.data import make_synthetic, write_imagefolder
+
+    real = real_data_dir() if scale.full else None
+    if real is not None:
+        from toolkit.config import DataConfig
+        from toolkit.data import load_splits
+
+        full = load_splits(DataConfig(data="imagefolder", data_dir=str(real), val_fraction=0.0)).train
+        index = torch.linspace(0, len(full) - 1, scale.epoch_images).round().long()  # every class, evenly
+        return EpochData(full.subset("train", index), real / "train", index,
+                         f"real CIFAR-10 ({len(index)} of {len(full)} training images)")
+    split, _ = make_synthetic(scale.epoch_images, 1)
+    folder = tmp_path_factory.mktemp("bench-imagefolder")
+    write_imagefolder(split, folder)
+    return EpochData(split, folder, None, f"synthetic ({len(split)} images; PNG folder for the PIL loader)")
+
+
+def _model_and_optimizer(accelerator, lr: float = 0.01):
+    from toolkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tutorial", 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return accelerator.prepare(model, optimizer)
+
+
+def _tutorial_loader(data: EpochData, batch: int):
+    """The PyTorch CIFAR-10 tutorial's input pipeline, unchanged except for the batch size."""
+    import torchvision.transforms as transforms
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import ImageFolder
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    dataset = ImageFolder(str(data.folder), transform=transform)
+    if data.index is not None:
+        # Same images as the in-memory split: both list classes and files in sorted order.
+        assert [dataset.targets[i] for i in data.index.tolist()] == data.split.labels.tolist()
+        dataset = Subset(dataset, data.index.tolist())
+    assert len(dataset) == len(data.split)
+    return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=TUTORIAL_WORKERS)
+
+
+def _loss_of(result) -> torch.Tensor:
+    """The loss of a `train_step` result (a tensor, or a result object carrying `.loss`)."""
+    return getattr(result, "loss", result)
+
+
+def _epoch(model, loader, optimizer, loss_fn, accelerator) -> int:
+    """One pass over `loader`, every batch through the trainer's `train_step`; returns images seen."""
+    from toolkit.train import train_step
+
+    model.train()
+    seen = 0
+    for images, labels in loader:
+        train_step(model, images, labels, optimizer, loss_fn, accelerator)
+        seen += len(labels)
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step and epoch
+
+
+@pytest.mark.parametrize("batch", [4, EPOCH_BATCH], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_train_step(benchmark, accelerator_for, scale: Scale, matmul_peak, flops_per_image: int,
+                    precision: str, batch: int) -> None:
+    from toolkit.data import make_synthetic, normalize
+    from toolkit.train import train_step
+
+    accelerator = accelerator_for(precision)
+    model, optimizer = _model_and_optimizer(accelerator)
+    split, _ = make_synthetic(max(batch, 10), 1)
+    images, labels = normalize(split.images[:batch]), split.labels[:batch]
+    loss_fn = nn.CrossEntropyLoss()
+    benchmark.group = "training step"
+    benchmark.extra_info.update(kind="train_step", label=f"train_step {precision} batch {batch}",
+                                precision=precision, batch=batch, threads=THREADS_ALL,
+                                flops_per_image=TRAINING_FACTOR * flops_per_image)
+    with pinned_threads(THREADS_ALL):
+        model.train()
+        loss = time_call(benchmark, lambda: train_step(model, images, labels, optimizer, loss_fn, accelerator), scale)
+    assert torch.isfinite(_loss_of(loss)).item()
+    median = median_seconds(benchmark)
+    if median is not None:
+        record_throughput(benchmark, batch, median, TRAINING_FACTOR * flops_per_image, matmul_peak(THREADS_ALL))
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("path", ["fast", "fast-aug", "pil"])
+def test_epoch(benchmark, accelerator_for, epoch_data: EpochData, scale: Scale, matmul_peak,
+               flops_per_image: int, path: str, precision: str) -> None:
+    from toolkit.data import make_loader
+
+    accelerator = accelerator_for(precision)
+    model, optimizer = _model_and_optimizer(accelerator)
+    if path == "pil":
+        loader = _tutorial_loader(epoch_data, EPOCH_BATCH)
+    else:
+        loader = make_loader(epoch_data.split, EPOCH_BATCH, shuffle=True, augment=path == "fast-aug")
+    loader = accelerator.prepare(loader)
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(epoch_data.split)
+    benchmark.group = "training epoch"
+    benchmark.extra_info.update(
+        kind="epoch", label=f"epoch {path} {precision} batch {EPOCH_BATCH}", path=path, precision=precision,
+        batch=EPOCH_BATCH, threads=THREADS_ALL, images=n, data=epoch_data.source,
+        loader=("ImageFolder+ToTensor+Normalize, DataLoader num_workers=2" if path == "pil" else
+                "toolkit.data.make_loader (in memory)" + (", crop+flip" if path == "fast-aug" else "")),
+        flops_per_image=TRAINING_FACTOR * flops_per_image)
+    with pinned_threads(THREADS_ALL):
+        # Warm-up steps on one batch: oneDNN kernel creation and allocator growth are not an epoch's cost.
+        from toolkit.train import train_step
+
+        images, labels = next(iter(make_loader(epoch_data.split, EPOCH_BATCH, shuffle=False)))
+        for _ in range(3):
+            train_step(model, images, labels, optimizer, loss_fn, accelerator)
+        rounds = scale.epoch_rounds  # (disabled: one plain call)
+        seen = benchmark.pedantic(_epoch, args=(model, loader, optimizer, loss_fn, accelerator), rounds=rounds)
+    assert seen == n
+    median = median_seconds(benchmark)
+    if median is not None:
+        benchmark.extra_info["rounds"] = rounds
+        record_throughput(benchmark, n, median, TRAINING_FACTOR * flops_per_image, matmul_peak(THREADS_ALL))
+
+
+# ---------------------------------------------------------------------------------------------
+# The real CLI: 1 vs 2 processes, and time-to-accuracy
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(config: str, args: list[str], threads: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / config),
+           "--main_process_port", str(_free_port()), "-m", "toolkit", "train", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                    f"stderr:\n{proc.stderr[-3000:]}", pytrace=False)
+    return proc
+
+
+def _cli_data_args(scale: Scale, train_images: int) -> list[str]:
+    """Real data in full mode when present; else synthetic with `train_images` training images."""
+    real = real_data_dir() if scale.full else None
+    if real is not None:
+        return ["--data", "imagefolder", "--data-dir", str(real)]
+    return ["--data", "synthetic", "--synthetic-train-size", str(train_images), "--synthetic-test-size", "100",
+            "--val-fraction", "0"]
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=lambda p: f"{p}proc")
+def test_launch(benchmark, scale: Scale, matmul_peak, flops_per_image: int,
+                tmp_path: Path, processes: int) -> None:
+    global_batch = EPOCH_BATCH
+    threads = max(1, THREADS_ALL // processes)  # processes × threads = all cores
+    config = "single.yaml" if processes == 1 else "cpu-2proc.yaml"
+    steps = scale.launch_steps
+    data_args = _cli_data_args(scale, global_batch * (steps + 10))
+    args = [*data_args, "--recipe", "fast",
+            "--batch-size", str(global_batch // processes), "--max-steps", str(steps),
+            "--log-every", str(scale.launch_log_every), "--threads", str(threads),
+            "--expect-processes", str(processes), "--output-dir", str(tmp_path / "run")]
+    benchmark.group = "training launch"
+    benchmark.extra_info.update(kind="launch", label=f"accelerate launch {processes} process(es) × {threads} thread(s)",
+                                processes=processes, threads=threads, batch=global_batch // processes,
+                                global_batch=global_batch, steps=steps, launch_config=f"launch/{config}",
+                                data=data_args[1], flops_per_image=TRAINING_FACTOR * flops_per_image)
+    benchmark.pedantic(_launch, args=(config, args, threads), rounds=1, iterations=1)
+    images_per_s, windows = steady_images_per_s(read_metrics(tmp_path / "run"))
+    gflops = images_per_s * TRAINING_FACTOR * flops_per_image / 1e9
+    peak = matmul_peak(THREADS_ALL) if benchmark.enabled else None
+    benchmark.extra_info.update(images_per_s=images_per_s, windows=windows, achieved_gflops=gflops)
+    if peak:
+        benchmark.extra_info.update(matmul_peak_gflops=peak, share_of_matmul_peak=gflops / peak)
+
+
+def time_to_accuracy(records: list[dict], thresholds=ACCURACY_THRESHOLDS) -> dict[str, float | None]:
+    """Training seconds at the end of the first epoch whose val accuracy reached each threshold."""
+    epochs = [r for r in records if r.get("kind") == "epoch" and r.get("val_accuracy") is not None]
+    return {f"{t:.2f}": next((r["train_seconds"] for r in epochs if r["val_accuracy"] >= t), None)
+            for t in thresholds}
+
+
+def test_time_to_accuracy_helper() -> None:
+    records = [{"kind": "step", "images_per_s": 1.0},
+               {"kind": "epoch", "epoch": 1, "train_seconds": 10.0, "val_accuracy": 0.45},
+               {"kind": "epoch", "epoch": 2, "train_seconds": 20.0, "val_accuracy": 0.58}]
+    out = time_to_accuracy(records, (0.4, 0.5, 0.6))
+    assert out == {"0.40": 10.0, "0.50": 20.0, "0.60": None}
+
+
+@pytest.mark.parametrize("recipe", ["fast", "seed"])
+def test_time_to_accuracy(benchmark, scale: Scale, tmp_path: Path, recipe: str) -> None:
+    import json
+
+    real = real_data_dir()
+    if scale.full:
+        if real is None:
+            pytest.skip("time-to-accuracy needs the shared real CIFAR-10 split (set TOOLKIT_BENCH_DATA; "
+                        "expected DIR/train/<class>/*.jpg)")
+        args = ["--data", "imagefolder", "--data-dir", str(real)]
+        data = "real"
+    else:  # tiny smoke run of the same code on synthetic data
+        args = ["--data", "synthetic", "--synthetic-train-size", "300", "--synthetic-test-size", "50",
+                "--val-fraction", "0.2", "--cache-dir", str(tmp_path / "cache"),
+                "--epochs", "2" if recipe == "fast" else "1"]
+        data = "synthetic"
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "toolkit", "train", "--recipe", recipe, *args, "--threads", str(THREADS_ALL),
+           "--output-dir", str(run)]
+
+    def train() -> None:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                              env={**os.environ, "OMP_NUM_THREADS": str(THREADS_ALL)})
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-3000:]}", pytrace=False)
+
+    benchmark.group = "time to accuracy"
+    start = time.perf_counter()
+    benchmark.pedantic(train, rounds=1, iterations=1)
+    wall = time.perf_counter() - start
+    records = read_metrics(run)
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    assert epochs, "no epoch record in metrics.jsonl"
+    final = json.loads((run / "eval.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    benchmark.extra_info.update(
+        kind="time_to_accuracy", label=f"toolkit train --recipe {recipe}", recipe=recipe, data=data,
+        threads=THREADS_ALL, epochs=len(epochs), batch=config.get("batch_size"),
+        train_seconds=epochs[-1]["train_seconds"], wall_seconds=wall,
+        final_val_accuracy=epochs[-1]["val_accuracy"], eval_accuracy=final.get("accuracy"),
+        eval_split=final.get("split"),
+        curve=[[r["epoch"], r["train_seconds"], r["val_accuracy"]] for r in epochs],
+        time_to_accuracy=time_to_accuracy(records))
+    images = config.get("runtime", {}).get("data", {}).get("train")
+    if images:
+        benchmark.extra_info["images_per_s"] = images * len(epochs) / max(epochs[-1]["train_seconds"], 1e-9)
