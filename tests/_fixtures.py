@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from tests.conftest import assert_ok, run_cli
 TRAIN_ARGS = ["--data", "synthetic", "--synthetic-train-size", "500", "--synthetic-test-size", "200",
               "--epochs", "3", "--batch-size", "16", "--lr", "0.05", "--threads", "1"]
 CLASSES = [f"class{i}" for i in range(10)]
+# Each backend's file in an export folder.
+FILES = {"eager": "model.safetensors", "torchscript": "model.ts", "pt2": "model.pt2", "onnxruntime": "model.onnx"}
 
 
 @dataclass(frozen=True)
@@ -71,3 +74,20 @@ def edit_onnx(path: Path, edit: Callable[[onnx.ModelProto], None]) -> None:
     model = onnx.load(str(path))
     edit(model)
     onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def rewrite_zip(src: Path, dst: Path, replace: dict[str, bytes | Callable[[bytes], bytes]] | None = None,
+                add: dict[str, bytes] | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """Copy the zip archive `src` (a .ts or .pt2) to `dst`, entry by entry, replacing (bytes, or a function of the
+    old bytes), adding or dropping entries. Names are full archive paths (`model/data.pkl`)."""
+    replace = replace or {}
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if info.filename in drop:
+                continue
+            data = zin.read(info.filename)
+            new = replace.get(info.filename, data)
+            zout.writestr(info.filename, new(data) if callable(new) else new)
+        for name, data in (add or {}).items():
+            zout.writestr(name, data)
+    return dst

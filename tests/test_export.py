@@ -233,3 +233,48 @@ def test_torchscript_falls_back_to_tracing_and_says_so(tmp_path: Path, monkeypat
     assert info["method"] == "trace" and "simulated scripting failure" in info["note"]
     backend = load_backend(tmp_path / "model.ts")
     assert backend.classes == CLASSES and backend.predict_logits(_batches()[7]).shape == (7, 10)
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("../model.ts", "not a plain file name"),
+    ("/etc/model.ts", "not a plain file name"),
+    ("sub/model.ts", "not a plain file name"),
+    ("..\\model.ts", "not a plain file name"),
+    ("..", "not a plain file name"),
+    ("", "not a plain file name"),
+    ("model.onnx", "format 'torchscript' needs a .ts file"),
+    ("symlink", "a symbolic link to"),
+    ("bad-hash", "is not 64 hex digits"),
+], ids=["dotdot", "absolute", "subfolder", "backslash", "parent", "empty", "suffix", "symlink", "hash"])
+def test_manifest_entries_must_be_files_in_the_export_folder(exported: Export, tmp_path: Path, capsys,
+                                                               name: str, fragment: str) -> None:
+    """A manifest names the files verify and predict load: each must be a plain file directly in the folder."""
+    folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["files"].pop("model.ts")
+    if name == "symlink":
+        shutil.copy(folder / "model.ts", tmp_path / "elsewhere.ts")
+        (folder / "model.ts").unlink()
+        (folder / "model.ts").symlink_to(tmp_path / "elsewhere.ts")
+        name = "model.ts"
+    elif name == "bad-hash":
+        name, entry = "model.ts", {**entry, "sha256": "../../etc/passwd"}
+    manifest["files"][name] = entry
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for args in (["verify", folder], ["predict", folder / "model.onnx", folder / "x.png"]):
+        assert_clean_error(cli(capsys, *args), str(folder / "manifest.json"), f"files entry {name!r}", fragment)
+    # The same folder with the entry put right is accepted again.
+    from toolkit.export import read_manifest
+
+    manifest["files"].pop(name)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert "model.ts" not in read_manifest(folder)["files"]
+
+
+def test_overwrite_never_replaces_a_file_or_a_non_export_folder(exported: Export, tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    for args in ([], ["--overwrite"]):
+        proc = cli(capsys, "export", "--run", exported.run, "--out", tmp_path / "notes.txt", "--formats", "pt2", *args)
+        assert_clean_error(proc, str(tmp_path / "notes.txt"), "already exists" if not args else "not an export folder")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -101,3 +101,43 @@ def test_predict_bad_inputs(exported: Export, images, tmp_path: Path, capsys) ->
     ]
     for args, fragments in cases:
         assert_clean_error(cli(capsys, "predict", *args), *fragments)
+
+
+def test_predict_max_batch_and_chunks(exported: Export, images, capsys, monkeypatch) -> None:
+    import toolkit.predict
+
+    onnx_file, files = exported.dir / "model.onnx", [p for p, _ in images[:5]]
+    assert_clean_error(cli(capsys, "predict", onnx_file, *files[:3], "--max-batch", "2"),
+                       "3 images exceed the limit of 2", "--max-batch")
+    assert_clean_error(cli(capsys, "predict", onnx_file, files[0], "--max-batch", "0"), "--max-batch", ">= 1")
+    whole = predict_images(onnx_file, files, top_k=10, max_batch=5)
+    monkeypatch.setattr(toolkit.predict, "CHUNK", 2)  # decoded and run 2, 2 and 1 at a time
+    chunked = predict_images(onnx_file, files, top_k=10, max_batch=5)
+    assert [p.image for p in chunked] == [str(f) for f in files]
+    for a, b in zip(whole, chunked):
+        assert a.label == b.label and np.allclose([q for _, q in a.top], [q for _, q in b.top], atol=1e-6)
+
+
+def test_predict_refuses_folders_and_special_files_as_images(exported: Export, images, tmp_path: Path, capsys) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would block forever
+    (tmp_path / "folder.png").mkdir()
+    for name in ("pipe.png", "folder.png"):
+        assert_clean_error(cli(capsys, "predict", exported.dir / "model.onnx", images[0][0], tmp_path / name),
+                           str(tmp_path / name), "cannot read image (not a regular file)")
+
+
+@pytest.mark.parametrize("program", ["model.ts", "model.pt2"])
+def test_predict_checks_a_programs_hash_before_loading_it(exported: Export, images, tmp_path: Path, capsys,
+                                                          monkeypatch, program: str) -> None:
+    import toolkit.predict
+
+    folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
+    with open(folder / program, "ab") as f:
+        f.write(b"\0")
+    loaded: list[Path] = []
+    monkeypatch.setattr(toolkit.predict, "load_backend", lambda path, **kwargs: loaded.append(path))
+    assert_clean_error(cli(capsys, "predict", folder / program, images[0][0]), str(folder / program), "sha256",
+                       "--no-hash-check")
+    assert loaded == []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from onnx import numpy_helper
 
 from tests._fixtures import CLASSES, Export, cli, edit_onnx, exported, rehash  # noqa: F401 - fixture
@@ -148,3 +149,42 @@ def test_compare_tolerates_flips_within_the_tolerance_only() -> None:
     # Outside the tolerance: the worst sample is named.
     result = compare("x", "f", flipped, reference, labels, ["a", "b", "c"], atol=1e-4, rtol=1e-4)
     assert result.worst_sample == 1 and "exceeds the tolerance on 1 of 2 images; worst sample 1" in result.failures[0]
+
+
+@pytest.mark.parametrize("program", ["model.ts", "model.pt2"])
+def test_a_changed_program_file_is_not_loaded(copy: Path, tmp_path: Path, capsys, monkeypatch, program: str) -> None:
+    """.ts and .pt2 files are programs: with a sha256 that differs from the manifest, verify never loads them."""
+    import toolkit.verify
+
+    loaded: list[str] = []
+    real = toolkit.verify.load_backend
+
+    def spy(path, *args, **kwargs):
+        loaded.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(toolkit.verify, "load_backend", spy)
+    with open(copy / program, "ab") as f:
+        f.write(b"\0")  # still a valid zip, but not the exported bytes
+    proc = cli(capsys, "verify", copy, "--json-out", tmp_path / "v.json")
+    assert proc.returncode == 3 and program not in loaded and len(loaded) == 3, loaded
+    row = {"model.ts": "torchscript", "model.pt2": "pt2"}[program]
+    assert_clean_error(proc, row, "not loaded", "program", str(copy / program))
+    assert next(l for l in proc.stdout.splitlines() if l.startswith(row)).endswith("FAIL")
+    result = json.loads((tmp_path / "v.json").read_text())["formats"][row]
+    assert result["sha256_matches_manifest"] is False and result["max_abs_logit_diff"] is None
+    assert result["accuracy"] is None and set(result["per_class"].values()) == {None}
+    others = [r for name, r in json.loads((tmp_path / "v.json").read_text())["formats"].items() if name != row]
+    assert len(others) == 3 and all(r["passed"] for r in others)
+
+
+def test_run_backend_stays_below_the_backends_max_batch(exported: Export) -> None:
+    from toolkit.backends import load_backend
+    from toolkit.verify import run_backend
+
+    backend = load_backend(exported.dir / "model.onnx", max_batch=4)
+    sizes: list[int] = []
+    real = backend.predict_logits
+    backend.predict_logits = lambda x: sizes.append(len(x)) or real(x)  # type: ignore[method-assign]
+    images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    assert run_backend(backend, images).shape == (10, 10) and sizes == [4, 4, 2]

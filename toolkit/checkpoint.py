@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -162,7 +163,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, sche
         accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
                               f"{str(exc).splitlines()[0]}") from None
     rng = path / f"rng_{accelerator.process_index}.pt"

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runtime")
     p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
                    help="use the file even if its sha256 differs from the manifest.json beside it")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=65536,
+                   help="refuse more than this many images per call (default 65536)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench-report", help="Markdown table and bar chart of saved benchmark results (make bench)")
@@ -172,7 +174,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from toolkit.predict import predict_and_report
 
-    predict_and_report(args.artifact, args.images, args.top_k, args.threads, args.check_hash, args.json)
+    predict_and_report(args.artifact, args.images, args.top_k, args.threads, args.check_hash, args.json,
+                       max_batch=args.max_batch)
     return 0
 
 

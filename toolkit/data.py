@@ -305,7 +305,7 @@ def decode_image(data: bytes, source: str) -> torch.Tensor:
             if im.size != (IMAGE_SIZE, IMAGE_SIZE):
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
             array = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # PIL's decoders raise many types (OSError, ValueError, SyntaxError, ...) on bad bytes
         reason = "unknown or truncated image format" if isinstance(exc, Image.UnidentifiedImageError) else exc
         raise DataError(f"{source}: not a readable image ({reason})") from None
     return array.view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1)

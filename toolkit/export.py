@@ -282,33 +282,84 @@ def _manifest(source: Source, metadata: ArtifactMetadata, files: dict[str, dict[
 
 
 def read_manifest(export_dir: Path) -> dict[str, Any]:
-    path = Path(export_dir) / MANIFEST
-    if not Path(export_dir).is_dir():
+    """manifest.json of an export folder, checked: every file it lists is a plain file name directly in
+    the folder (no absolute path, no `..`, no separator, no symbolic link leading elsewhere), with the
+    suffix of its format and a well-formed sha256."""
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST
+    if not export_dir.is_dir():
         raise ArtifactError(f"{export_dir}: no such export folder")
     if not path.is_file():
         raise ArtifactError(f"{export_dir}: not an export folder (no {MANIFEST}; was the export interrupted?)")
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: unreadable manifest ({first_line(exc)})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "class_names" not in manifest:
         raise ArtifactError(f"{path}: not a toolkit manifest (no files / class_names)")
+    classes = manifest["class_names"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise ArtifactError(f"{path}: class_names is not a list of names")
+    for name, entry in manifest["files"].items():
+        _check_manifest_entry(export_dir, path, name, entry)
     return manifest
+
+
+_FORMAT_SUFFIX = {"torchscript": ".ts", "onnx": ".onnx", "pt2": ".pt2", "eager": ".safetensors"}
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name with no folder part: not empty, `.`, `..`, absolute, or holding a separator or NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and Path(name).name == name and not Path(name).is_absolute())
+
+
+def _check_manifest_entry(export_dir: Path, manifest_path: Path, name: str, entry: Any) -> None:
+    where = f"{manifest_path}: files entry {name!r}"
+    if not is_plain_name(name):
+        raise ArtifactError(f"{where}: not a plain file name inside the export folder (absolute path, '..' or a "
+                            "folder separator)")
+    if not isinstance(entry, dict):
+        raise ArtifactError(f"{where}: not a JSON object")
+    suffix = _FORMAT_SUFFIX.get(entry.get("format"))  # unknown formats are listed but never loaded
+    if suffix is not None and Path(name).suffix.lower() != suffix:
+        raise ArtifactError(f"{where}: format {entry['format']!r} needs a {suffix} file")
+    sha = entry.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise ArtifactError(f"{where}: sha256 {str(sha)[:80]!r} is not 64 hex digits")
+    file = export_dir / name
+    if file.is_symlink() and file.resolve().parent != export_dir.resolve():
+        raise ArtifactError(f"{where}: a symbolic link to {file.resolve()}, outside the export folder")
+
+
+def manifest_sha256(artifact: Path) -> str | None:
+    """The sha256 that the manifest.json beside `artifact` records for it, or None (no manifest, or not listed)."""
+    artifact = Path(artifact)
+    if not (artifact.parent / MANIFEST).is_file():
+        return None
+    entry = read_manifest(artifact.parent)["files"].get(artifact.name)
+    return None if entry is None else entry.get("sha256", "")
 
 
 def hash_mismatch(artifact: Path) -> str | None:
     """Why `artifact` differs from what the manifest beside it recorded, or None if it matches.
 
     An artifact without a manifest beside it (or one the manifest does not list) is not checked.
+    Call it before loading a .ts or .pt2 file: those are programs (see `toolkit.backends`).
     """
     artifact = Path(artifact)
-    if not (artifact.parent / MANIFEST).is_file():
+    expected = manifest_sha256(artifact)
+    if expected is None:
         return None
-    entry = read_manifest(artifact.parent)["files"].get(artifact.name)
-    if entry is None:
-        return None
-    actual = sha256_file(artifact)
-    if actual != entry.get("sha256"):
-        return (f"{artifact}: sha256 {actual[:12]}… differs from {MANIFEST} ({str(entry.get('sha256'))[:12]}…): "
+    if not artifact.is_file():
+        raise ArtifactError(f"{artifact}: no such file")
+    if not expected:
+        return f"{artifact}: {MANIFEST} lists it without a sha256"
+    try:
+        actual = sha256_file(artifact)
+    except OSError as exc:
+        raise ArtifactError(f"{artifact}: cannot read ({exc.strerror or exc})") from None
+    if actual != expected:
+        return (f"{artifact}: sha256 {actual[:12]}… differs from {MANIFEST} ({expected[:12]}…): "
                 "the file changed after export")
     return None

@@ -9,7 +9,9 @@ per-class accuracy. A format fails when
 - its prediction differs from eager's on an image where eager's top-2 margin exceeds that tolerance
   (a flip there is not rounding noise),
 - its class names differ from the manifest's, or
-- its sha256 differs from manifest.json (it changed after export; the numbers are still reported).
+- its sha256 differs from manifest.json (it changed after export). The hash is checked before the
+  file is loaded: a changed .ts or .pt2 file is a program of unknown origin and is not loaded at all
+  (its row reads nan); a changed .onnx or .safetensors file (data) is still run and its numbers reported.
 
 Verification only reads the export folder; nothing is written there unless `--json-out` points there.
 """
@@ -35,6 +37,7 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
 _BATCH = 500  # images per predict_logits call
 _ROW_ORDER = ("eager", "torchscript", "pt2", "onnx")  # manifest formats, in table order
+_PROGRAMS = {"torchscript": "torchscript", "pt2": "pt2"}  # formats that are code, and their row names
 
 
 @dataclass
@@ -56,8 +59,12 @@ class FormatResult:
         return not self.failures
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "passed": self.passed, "max_abs_logit_diff": self.max_abs_diff,
-                "agreement": self.agreement, "accuracy": self.accuracy, "per_class": self.per_class,
+        def number(x: float) -> float | None:  # nan (a file that was not run) is null in JSON
+            return None if x != x else x
+
+        return {"file": self.file, "passed": self.passed, "max_abs_logit_diff": number(self.max_abs_diff),
+                "agreement": number(self.agreement), "accuracy": number(self.accuracy),
+                "per_class": {c: number(a) for c, a in self.per_class.items()},
                 "worst_sample": self.worst_sample, "sha256_matches_manifest": self.hash_ok,
                 "failures": self.failures}
 
@@ -140,6 +147,7 @@ def compare(name: str, file: str, logits: np.ndarray, reference: np.ndarray, lab
 
 def run_backend(backend: Backend, images: torch.Tensor, batch_size: int = _BATCH) -> np.ndarray:
     """Logits for uint8 N×3×32×32 `images`, preprocessed with the backend's own metadata."""
+    batch_size = min(batch_size, backend.max_batch or batch_size)
     return np.concatenate([backend.predict_logits(backend.metadata.normalize(images[i:i + batch_size]))
                            for i in range(0, len(images), batch_size)])
 
@@ -180,15 +188,28 @@ def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None
     reference: np.ndarray | None = None
     results = []
     for name in names:
+        entry = manifest["files"].get(name, {})
+        # The hash first: a .ts or .pt2 file is a program, and one that changed after export is not run.
+        problem = hash_mismatch(export_dir / name) if "sha256" in entry else None
+        hash_ok = None if "sha256" not in entry else problem is None
+        if problem and entry.get("format") in _PROGRAMS:
+            results.append(_not_loaded(_PROGRAMS[entry["format"]], name, classes, problem))
+            continue
         backend = load_backend(export_dir / name, threads=threads)
         logits = run_backend(backend, held.images)
         reference = logits.astype(np.float64) if reference is None else reference
-        hash_ok = None if "sha256" not in manifest["files"].get(name, {}) else hash_mismatch(export_dir / name) is None
         result = compare(backend.name, name, logits, reference, labels, classes, atol, rtol, hash_ok)
         if backend.classes != classes:
             result.failures.append(f"class names in the file {backend.classes} differ from manifest.json's {classes}")
         results.append(result)
     return VerifyReport(export_dir, held.name, len(held), classes, atol, rtol, results, note)
+
+
+def _not_loaded(row: str, file: str, classes: list[str], problem: str) -> FormatResult:
+    nan = float("nan")
+    return FormatResult(row, file, nan, nan, nan, {c: nan for c in classes}, -1, False,
+                        [f"sha256 differs from manifest.json: not loaded, since a changed {row} file is a program "
+                         f"of unknown origin ({problem})"])
 
 
 def verify_and_report(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
