@@ -156,6 +156,22 @@ def test_failed_verification_is_shown(tmp_path):
     assert "- **FAIL** onnxruntime (`model.onnx`): max |Δlogit| 1 exceeds the tolerance" in text
 
 
+def test_a_program_that_was_not_loaded_is_shown_without_numbers(tmp_path):
+    """verify never loads a .pt2 whose hash differs from the manifest: its row has no numbers."""
+    run = make_run(tmp_path)
+    verify = _json(run / "verify.json")
+    verify["passed"] = False
+    verify["formats"]["pt2"].update(max_abs_logit_diff=None, agreement=None, accuracy=None, per_class=None,
+                                    passed=False, failures=["sha256 differs from manifest.json: not loaded"])
+    (run / "verify.json").write_text(json.dumps(verify))
+    build_report(run)
+    text = (run / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| pt2 |"))
+    assert "not run" in row and "**FAIL**" in row
+    assert "sha256 differs from manifest.json: not loaded" in text
+    assert_png(run / "plots" / "per_class.png")
+
+
 def test_a_run_without_export_or_grid_still_gets_a_report(tmp_path):
     run = make_run(tmp_path, verified=False, grid=False)
     text = build_report(run).read_text()

@@ -52,14 +52,16 @@ def _check_export_dir(export_dir: Path | None, output_dir: str | None) -> None:
 
 
 def save_grid_predictions(run_dir: Path, cfg: TrainConfig, split: str, count: int = GRID_IMAGES) -> Path:
-    """The eager model's predictions on the first `count` evaluation images, saved for the report's grid."""
+    """The eager model's predictions on `count` evaluation images, saved for the report's grid."""
     from toolkit.data import load_splits, normalize
     from toolkit.report import save_predictions
     from toolkit.runs import MODEL, load_model
 
     trained = load_model(run_dir / MODEL)
     held, _ = load_splits(cfg.data).held_out(split)
-    images, labels = held.images[:count], held.labels[:count]
+    # Evenly spaced over the split, so that a split stored class by class still shows every class.
+    index = torch.linspace(0, len(held) - 1, min(count, len(held))).round().long().unique()
+    images, labels = held.images[index], held.labels[index]
     with torch.inference_mode():
         predictions = trained.model(normalize(images)).argmax(dim=1)
     return save_predictions(run_dir, images.numpy(), labels.numpy(), predictions.numpy().astype(np.int64))

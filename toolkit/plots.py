@@ -136,6 +136,6 @@ def plot_image_grid(images: np.ndarray, labels: Sequence[int], predictions: Sequ
         for spine in ax.spines.values():
             spine.set_color(color)
             spine.set_linewidth(1 if ok else 3)
-    fig.suptitle(f"First {len(images)} evaluation images: true class, then ✓/✗ predicted class "
+    fig.suptitle(f"{len(images)} evaluation images (evenly spaced over the split): true class, then ✓/✗ predicted class "
                  f"({wrong} mistake{'s' if wrong != 1 else ''}, framed in red)")
     return _save(fig, path)

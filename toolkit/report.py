@@ -117,7 +117,8 @@ def per_format_accuracy(run: RunFiles) -> dict[str, dict[str, float]]:
     """Per-class accuracy of eager and every verified format; eager alone (eval.json) when not verified."""
     if run.verify is None:
         return {"eager": run.evaluation["per_class"]}
-    return {name: r["per_class"] for name, r in run.verify["formats"].items()}
+    # A program whose hash did not match is never loaded, so it has no numbers to show.
+    return {name: r["per_class"] for name, r in run.verify["formats"].items() if r["per_class"] is not None}
 
 
 def render_plots(run: RunFiles) -> dict[str, str]:
@@ -242,8 +243,8 @@ def _table(header: list[str], rows: list[list[str]], align: str = "") -> list[st
     return ["| " + " | ".join(cells) + " |" for cells in (header, rule, *rows)]
 
 
-def _pct(x: float, digits: int = 1) -> str:
-    return f"{100 * x:.{digits}f} %"
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "not run" if x is None else f"{100 * x:.{digits}f} %"
 
 
 def _verdict(verify: dict[str, Any] | None) -> str:
@@ -332,7 +333,7 @@ def _exports(run: RunFiles, pictures: dict[str, str]) -> list[str]:
         entry = files.get(r["file"], {})
         size = f"{entry['size'] / 1024:,.1f} KiB" if "size" in entry else "?"
         sha = f"`{entry['sha256'][:12]}`" if "sha256" in entry else "?"
-        rows.append([name, f"`{r['file']}`", size, sha, f"{r['max_abs_logit_diff']:.2e}", _pct(r["agreement"], 2),
+        rows.append([name, f"`{r['file']}`", size, sha, "not run" if r["max_abs_logit_diff"] is None else f"{r['max_abs_logit_diff']:.2e}", _pct(r["agreement"], 2),
                      _pct(r["accuracy"]), "ok" if r["passed"] else "**FAIL**"])
     lines += _table(["format", "file", "size", "sha256", "max abs Δlogit", "agreement", "accuracy", "result"], rows,
                     "llrlrrrl")
@@ -353,7 +354,7 @@ def _grid(run: RunFiles, pictures: dict[str, str]) -> list[str]:
     p = run.predictions
     wrong = int((p["labels"] != p["predictions"]).sum())
     return ["## Test images", "",
-            f"The first {len(p['labels'])} {run.evaluation['split']} images with their true class and the eager "
+            f"{len(p['labels'])} {run.evaluation['split']} images (evenly spaced over the split) with their true class and the eager "
             f"model's prediction; {wrong} mistake(s), framed in red.", "",
             f"![Test images with true and predicted labels]({pictures['grid']})", ""]
 
