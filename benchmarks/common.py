@@ -45,6 +45,14 @@ def real_data_dir() -> Path | None:
     return path if (path / "train").is_dir() else None
 
 
+def shown(path: Path) -> str:
+    """A path as results files record it: relative to the repository when inside it (no machine paths)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 @dataclass(frozen=True)
 class Scale:
     """How big each benchmark is. `full` when timings are recorded, tiny when they are not."""

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.common import FULL, ROOT, THREADS_ALL, TINY, Scale, real_data_dir
+from benchmarks.common import FULL, ROOT, THREADS_ALL, TINY, Scale, real_data_dir, shown
 from benchmarks.flops import matmul_gflops, tutorialnet_flops
 
 
@@ -135,8 +135,9 @@ def trained(scale: Scale, tmp_path_factory: pytest.TempPathFactory) -> Trained:
     run_toolkit("train", *train_args, "--threads", str(THREADS_ALL), "--output-dir", str(run),
                 "--log-every", "1000000")
     export = export_run(run, base / "export", log=lambda line: None)
-    _SESSION["data"] = (f"real CIFAR-10 images ({real})" if real else "synthetic images") + \
-        f", model trained with: toolkit train {' '.join(train_args)}"
+    command = " ".join(train_args).replace(str(real), shown(real)) if real else " ".join(train_args)
+    _SESSION["data"] = (f"real CIFAR-10 images ({shown(real)})" if real else "synthetic images") + \
+        f", model trained with: toolkit train {command}"
     return Trained(run, export, "real" if real else "synthetic", data_args, overrides, split)
 
 

@@ -5,11 +5,14 @@
   numpy in and out (as `toolkit predict` uses it); outputs checked against eager on the CPU first.
   Skipped when this onnxruntime build has no CUDA provider.
 - `test_gpu_train_step[precision-batch]`: `toolkit.train.train_step` on the GPU, fp32 vs bf16
-  autocast, batch 64 and 1024, data already on the device; every round ends with
+  and fp16 (with loss scaling) autocast, batch 64 and 1024, data already on the device; every round ends with
   `torch.cuda.synchronize()` so the time is the GPU's, not the launch queue's.
 
-The torch formats of `toolkit.backends` run on the CPU by design, so GPU inference is measured for
-ONNX Runtime only. Rounds are calibrated to about 1 s per case, as on the CPU.
+- `test_gpu_torch[format-batch]`: the eager model and the TorchScript file moved to the GPU
+  (`toolkit.backends` runs torch formats on the CPU by design, so these load the same files
+  directly), fp32, host batch copied in and logits copied out, as a server would.
+
+Rounds are calibrated to about 1 s per case, as on the CPU.
 """
 
 from __future__ import annotations
@@ -52,8 +55,33 @@ def test_gpu_onnxruntime(benchmark, trained, inputs, scale: Scale, flops_per_ima
         record_throughput(benchmark, batch, median, flops_per_image, None)
 
 
+@pytest.mark.parametrize("batch", [1, 64, 1024], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("fmt", ["eager", "torchscript"])
+def test_gpu_torch(benchmark, trained, inputs, scale: Scale, flops_per_image: int, fmt: str, batch: int) -> None:
+    from toolkit.runs import load_model
+
+    if fmt == "eager":
+        module = load_model(trained.export / "model.safetensors").model.cuda()
+    else:
+        module = torch.jit.load(str(trained.export / "model.ts"), map_location="cuda").eval()
+    x = torch.from_numpy(np.ascontiguousarray(inputs.images[:batch]))
+
+    def infer() -> np.ndarray:
+        with torch.inference_mode():
+            return module(x.cuda(non_blocking=False)).cpu().numpy()  # .cpu() synchronizes
+
+    np.testing.assert_allclose(infer(), inputs.eager_logits[:batch], atol=1e-3, rtol=1e-3)
+    benchmark.group = f"gpu inference batch {batch}"
+    benchmark.extra_info.update(kind="inference", backend=f"{fmt}-cuda", batch=batch, threads="gpu",
+                                device=_device_name(), flops_per_image=flops_per_image)
+    time_call(benchmark, infer, scale)
+    median = median_seconds(benchmark)
+    if median is not None:
+        record_throughput(benchmark, batch, median, flops_per_image, None)
+
+
 @pytest.mark.parametrize("batch", [64, 1024], ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_gpu_train_step(benchmark, scale: Scale, flops_per_image: int, precision: str, batch: int) -> None:
     from accelerate.state import AcceleratorState, GradientState
 
@@ -65,7 +93,8 @@ def test_gpu_train_step(benchmark, scale: Scale, flops_per_image: int, precision
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     try:
-        accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else "bf16")
+        # fp16 gets Accelerate's dynamic loss scaling (GradScaler) inside backward/step.
+        accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
         torch.manual_seed(0)
         model = build_model("tutorial", 10)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
