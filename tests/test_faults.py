@@ -205,3 +205,20 @@ def test_killed_rank_ends_the_job_and_it_resumes(tmp_path):
     assert_ok(proc)
     assert "resumed from" in proc.stdout
     assert json.loads((run / "eval.json").read_text())["n"] == 100
+
+
+def test_unrestorable_rng_state_is_an_error_not_a_silent_divergence(tmp_path):
+    """A checkpoint whose RNG file loads but cannot be applied: refuse to resume (Accelerate only logs this)."""
+    import hashlib
+
+    run = tmp_path / "run"
+    assert_ok(run_cli("train", *TINY, "--epochs", "1", "--batch-size", "100", "--output-dir", str(run)))
+    ckpt = list_checkpoints(run / "checkpoints")[-1]
+    torch.save({"torch": torch.zeros(3, dtype=torch.uint8)}, ckpt / "rng_0.pt")  # wrong size, no other keys
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"]["rng_0.pt"] = hashlib.sha256((ckpt / "rng_0.pt").read_bytes()).hexdigest()
+    (ckpt / "state.json").write_text(json.dumps(state))
+    proc = run_cli("train", *TINY, "--epochs", "2", "--batch-size", "100", "--resume", str(ckpt),
+                   "--output-dir", str(tmp_path / "fork"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "cannot restore the RNG state from rng_0.pt" in proc.stderr

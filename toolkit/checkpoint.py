@@ -171,7 +171,12 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, sche
         raise CheckpointError(
             f"checkpoint {path} was written by {record.get('num_processes')} processes, this run has "
             f"{accelerator.num_processes}: resume with the same process count")
-    _set_rng_state(torch.load(rng, weights_only=True))
+    try:
+        _set_rng_state(torch.load(rng, weights_only=True))
+    except (RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        # A resume with the wrong RNG state would silently diverge from the uninterrupted run.
+        raise CheckpointError(f"checkpoint {path}: cannot restore the RNG state from {rng.name} "
+                              f"({first_line(exc)})") from None
     return TrainState(**{k: record[k] for k in asdict(TrainState())})
 
 
