@@ -91,6 +91,7 @@ def evaluate_run(run_dir: Path, data_overrides: dict[str, Any], split: str = "te
     from toolkit.data import load_splits, make_loader
     from toolkit.errors import DataError
     from toolkit.runs import MODEL, load_model, read_config
+    from toolkit.train import wants_cpu
 
     saved = read_config(run_dir)
     saved.pop("runtime", None)
@@ -100,7 +101,7 @@ def evaluate_run(run_dir: Path, data_overrides: dict[str, Any], split: str = "te
     if splits.train.classes != trained.classes:
         raise DataError(f"data classes {splits.train.classes} differ from the model's {trained.classes}")
     held, note = splits.held_out(split)
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    accelerator = Accelerator(cpu=wants_cpu())
     model, loader = accelerator.prepare(trained.model, make_loader(held, cfg.eval_batch_size, shuffle=False))
     if note:
         accelerator.print(f"note: {note}")

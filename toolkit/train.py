@@ -66,13 +66,18 @@ class LRSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def wants_cpu() -> bool:
+    """Run on the CPU: asked for (ACCELERATE_USE_CPU, as `accelerate launch --cpu` sets it) or no accelerator."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or \
+        not torch.accelerator.is_available()
+
+
 def build_accelerator(cfg: TrainConfig) -> tuple[Accelerator, Path]:
     """An Accelerator for this config and the run folder (the same on every process).
 
     Rejects fp16 on CPU and a launcher/world-size mismatch before any work is done.
     """
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or \
-        not torch.accelerator.is_available()
+    use_cpu = wants_cpu()
     if cfg.mixed_precision == "fp16" and use_cpu:
         # Accelerate would silently train in fp32 on CPU.
         raise ConfigError("--mixed-precision fp16: needs a GPU and this run is on the CPU; use bf16 on CPU")
