@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,14 @@ def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[st
     return lines
 
 
+def _table(header: list[str], rows: list[dict[str, Any]], cells: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    """A Markdown table of `rows`, with a leading `file` column when they come from several files."""
+    several = any("file" in r for r in rows)
+    lines = ["| " + " | ".join((["file"] if several else []) + header) + " |", "|" + "---|" * (len(header) + several)]
+    lines += ["| " + " | ".join(([Path(r["file"]).name] if several else []) + cells(r)) + " |" for r in rows]
+    return lines + [""]
+
+
 def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | None = None,
                     machine: str | None = None) -> str:
     """The inference table (backend × batch), the other results in a second table, and the targets."""
@@ -247,25 +255,14 @@ def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | No
     if machine:
         out += [f"Machine: {machine}", ""]
     if rows:
-        several = any("file" in r for r in rows)
-        header = ["backend", "threads", "batch", "median ms / batch", "images/s", "speed-up vs eager"]
-        out += ["| " + " | ".join((["file"] if several else []) + header) + " |",
-                "|" + "---|" * (len(header) + several)]
-        for r in rows:
-            cells = [r["backend"], str(r["threads"]), str(r["batch"]), _num(r["median_ms"]),
-                     _num(r["images_per_s"]), _speedup(r["speedup_vs_eager"])]
-            out.append("| " + " | ".join(([Path(r["file"]).name] if several else []) + cells) + " |")
-        out.append("")
+        out += _table(["backend", "threads", "batch", "median ms / batch", "images/s", "speed-up vs eager"], rows,
+                      lambda r: [r["backend"], str(r["threads"]), str(r["batch"]), _num(r["median_ms"]),
+                                 _num(r["images_per_s"]), _speedup(r["speedup_vs_eager"])])
     if other:
-        several = any("file" in r for r in other)
-        header = ["benchmark", "threads", "median s", "images/s", "share of matmul peak", "notes"]
-        out += ["| " + " | ".join((["file"] if several else []) + header) + " |",
-                "|" + "---|" * (len(header) + several)]
-        for r in other:
-            cells = [r["label"], str(r["threads"] if r["threads"] is not None else "–"), _num(r["median_s"]),
-                     _num(r["images_per_s"]), _percent(r["share_of_matmul_peak"]), _notes(r)]
-            out.append("| " + " | ".join(([Path(r["file"]).name] if several else []) + cells) + " |")
-        out.append("")
+        out += _table(["benchmark", "threads", "median s", "images/s", "share of matmul peak", "notes"], other,
+                      lambda r: [r["label"], str(r["threads"] if r["threads"] is not None else "–"),
+                                 _num(r["median_s"]), _num(r["images_per_s"]),
+                                 _percent(r["share_of_matmul_peak"]), _notes(r)])
     targets = _targets(rows, other or [])
     if targets:
         out += ["Targets (this run):", *targets, ""]

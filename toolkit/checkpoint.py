@@ -164,8 +164,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, sche
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
-                              f"{str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}") from None
     rng = path / f"rng_{accelerator.process_index}.pt"
     if record.get("num_processes") != accelerator.num_processes or not rng.is_file():
         raise CheckpointError(

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from toolkit.config import DataConfig
-from toolkit.errors import DataError
+from toolkit.errors import DataError, first_line
 
 # The tutorial's normalization: per-channel (x - 0.5) / 0.5 after scaling pixels to [0, 1].
 MEAN = (0.5, 0.5, 0.5)
@@ -229,7 +229,7 @@ def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split]:
         except (RuntimeError, OSError) as exc:  # not found / offline download
             raise DataError(
                 f"CIFAR-10 not found under {root}/cifar-10-batches-py and could not be downloaded "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}). "
+                f"({first_line(exc)}). "
                 "Point --data-dir at a folder holding cifar-10-batches-py, or at image folders with "
                 "--data imagefolder (DIR/train/<class>/*)") from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()

@@ -49,6 +49,10 @@ class EvalResult:
             "loss": self.loss,
         }
 
+    def write(self, path: Path) -> None:
+        """eval.json (or `--json-out`): `to_json()`, indented."""
+        path.write_text(json.dumps(self.to_json(), indent=2))
+
     def format(self) -> str:
         """The tutorial's report, plus the confusion matrix."""
         lines = [f"Accuracy of the network on the {self.n} {self.split} images: {100 * self.accuracy:.1f} %"]
@@ -108,5 +112,5 @@ def evaluate_run(run_dir: Path, data_overrides: dict[str, Any], split: str = "te
     result = evaluate(model, loader, accelerator, trained.classes, held.name)
     accelerator.print(result.format())
     if json_out is not None and accelerator.is_main_process:
-        json_out.write_text(json.dumps(result.to_json(), indent=2))
+        result.write(json_out)
     return result

@@ -74,8 +74,7 @@ def parse_formats(text: str) -> list[str]:
 
 def load_source(run_dir: Path, checkpoint: str | Path | None = None) -> Source:
     """The run's final weights, or those of one of its checkpoints, as an fp32 eval-mode model."""
-    from toolkit.models import build_model
-    from toolkit.runs import CHECKPOINTS, MODEL, load_model, read_config
+    from toolkit.runs import CHECKPOINTS, MODEL, load_model, read_config, rebuild_model
 
     config = read_config(run_dir)
     if checkpoint is None:
@@ -89,14 +88,8 @@ def load_source(run_dir: Path, checkpoint: str | Path | None = None) -> Source:
         name, classes = config["model"], list(config["runtime"]["data"]["classes"])
     except (KeyError, TypeError):
         raise CheckpointError(f"{run_dir}/config.json: no model name or class names to rebuild the checkpoint's model") from None
-    model = build_model(name, len(classes))
-    try:
-        model.load_state_dict(load_file(folder / "model.safetensors"))
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {folder}: weights do not fit model {name!r}: "
-                              f"{str(exc).splitlines()[0]}") from None
-    # Mixed-precision runs keep fp32 master weights; .float() also covers any half-precision state.
-    return Source(run_dir, folder / "model.safetensors", folder.name, model.float().eval(), name, classes, config)
+    model = rebuild_model(name, classes, load_file(folder / "model.safetensors"), f"checkpoint {folder}")
+    return Source(run_dir, folder / "model.safetensors", folder.name, model, name, classes, config)
 
 
 def _example(num: int = _EXAMPLE_BATCH) -> torch.Tensor:

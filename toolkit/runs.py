@@ -25,7 +25,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from toolkit import __version__
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, first_line
 from toolkit.models import build_model
 
 CONFIG = "config.json"
@@ -72,12 +72,20 @@ def load_model(path: Path) -> TrainedModel:
         name, classes = meta["model"], json.loads(meta["classes"])
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a toolkit model file ({type(exc).__name__}: {exc})") from None
+    return TrainedModel(rebuild_model(name, classes, state, str(path)), name, classes, path)
+
+
+def rebuild_model(name: str, classes: list[str], state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """A registered model with `state` loaded, fp32 and in eval mode; `source` names the weights in errors.
+
+    Mixed-precision runs keep fp32 master weights; `.float()` also covers any half-precision state.
+    """
     model = build_model(name, len(classes))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit model {name!r}: {str(exc).splitlines()[0]}") from None
-    return TrainedModel(model.float().eval(), name, classes, path)
+        raise CheckpointError(f"{source}: weights do not fit model {name!r}: {first_line(exc)}") from None
+    return model.float().eval()
 
 
 def remove_run_files(run_dir: Path) -> None:

@@ -31,7 +31,7 @@ from toolkit.checkpoint import TrainState, find_latest, list_checkpoints, load_c
 from toolkit.config import TrainConfig
 from toolkit.data import load_splits, make_loader
 from toolkit.errors import CheckpointError, ConfigError, DivergenceError, Interrupted, LaunchError, first_line
-from toolkit.evaluate import EvalResult, evaluate
+from toolkit.evaluate import evaluate
 from toolkit.models import build_model
 from toolkit.progress import Progress
 from toolkit.signals import GracefulStop
@@ -216,7 +216,7 @@ def train(cfg: TrainConfig) -> Path:
         save_model(accelerator.unwrap_model(model), run_dir / MODEL, cfg.model, classes)
     result = evaluate(model, eval_dl, accelerator, classes, eval_split.name)
     if accelerator.is_main_process:
-        write_eval(result, run_dir / EVAL)
+        result.write(run_dir / EVAL)
     accelerator.print(result.format())
     accelerator.print(f"run folder: {run_dir}")
     accelerator.end_training()
@@ -315,10 +315,6 @@ def _hparams(cfg: TrainConfig) -> dict[str, int | float | str | bool]:
     for group in ("data", "optim"):
         flat.update(cfg.to_dict()[group])
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
-
-
-def write_eval(result: EvalResult, path: Path) -> None:
-    path.write_text(json.dumps(result.to_json(), indent=2))
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, accelerator: Accelerator, splits, eval_split: str,
