@@ -199,6 +199,15 @@ def load_splits(cfg: DataConfig) -> Splits:
     return Splits(train=fit, val=val, test=test, source=f"{cfg.data}:{cfg.data_dir}" if cfg.data != "synthetic" else "synthetic")
 
 
+def load_held_out(data: dict, model_classes: list[str], split: str) -> tuple[Split, str | None]:
+    """A held-out split (and its fallback note) of the data described by `data` (DataConfig fields),
+    refused when its classes are not the ones the model was trained on."""
+    splits = load_splits(DataConfig(**data))
+    if splits.train.classes != model_classes:
+        raise DataError(f"data classes {splits.train.classes} differ from the model's {model_classes}")
+    return splits.held_out(split)
+
+
 def stratified_holdout(split: Split, fraction: float) -> tuple[Split, Split]:
     """Hold out the last round(fraction × n_c) images of every class c: deterministic, no RNG."""
     held = torch.zeros(len(split), dtype=torch.bool)

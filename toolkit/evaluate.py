@@ -6,6 +6,7 @@ duplicated to even out the last batch, so the counts equal the split size on any
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +93,7 @@ def evaluate_run(run_dir: Path, data_overrides: dict[str, Any], split: str = "te
                  json_out: Path | None = None) -> EvalResult:
     """`toolkit evaluate`: the run's final weights on a split of its data (or of `data_overrides`)."""
     from toolkit.config import train_config_from_dict
-    from toolkit.data import load_splits, make_loader
-    from toolkit.errors import DataError
+    from toolkit.data import load_held_out, make_loader
     from toolkit.runs import MODEL, load_model, read_config
     from toolkit.train import wants_cpu
 
@@ -101,10 +101,7 @@ def evaluate_run(run_dir: Path, data_overrides: dict[str, Any], split: str = "te
     saved.pop("runtime", None)
     cfg = train_config_from_dict({**saved, "data": {**saved.get("data", {}), **data_overrides}})
     trained = load_model(run_dir / MODEL)
-    splits = load_splits(cfg.data)
-    if splits.train.classes != trained.classes:
-        raise DataError(f"data classes {splits.train.classes} differ from the model's {trained.classes}")
-    held, note = splits.held_out(split)
+    held, note = load_held_out(dataclasses.asdict(cfg.data), trained.classes, split)
     accelerator = Accelerator(cpu=wants_cpu())
     model, loader = accelerator.prepare(trained.model, make_loader(held, cfg.eval_batch_size, shuffle=False))
     if note:

@@ -155,17 +155,12 @@ def run_backend(backend: Backend, images: torch.Tensor, batch_size: int = _BATCH
 def load_verification_split(manifest: dict[str, Any], data_overrides: dict[str, Any],
                             split: str) -> tuple[Split, str | None]:
     """The split of the data the exported run was trained on (as recorded in the manifest), with overrides."""
-    from toolkit.config import train_config_from_dict
-    from toolkit.data import load_splits
+    from toolkit.data import load_held_out
 
     recorded = manifest.get("source", {}).get("data") or {}
     if not recorded.get("data") and "data" not in data_overrides:
         raise DataError("manifest.json records no data config for the source run; pass --data (and --data-dir)")
-    cfg = train_config_from_dict({"data": {**recorded, **data_overrides}})
-    splits = load_splits(cfg.data)
-    if splits.train.classes != manifest["class_names"]:
-        raise DataError(f"data classes {splits.train.classes} differ from the exported model's {manifest['class_names']}")
-    return splits.held_out(split)
+    return load_held_out({**recorded, **data_overrides}, manifest["class_names"], split)
 
 
 def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
