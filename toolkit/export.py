@@ -169,6 +169,11 @@ def _collect_warnings(lines: list[str]) -> Iterator[None]:
         lines.append(message)
 
 
+def default_export_dir(run_dir: Path) -> Path:
+    """Where `toolkit export` and `toolkit run` put a run's export: exports/<run folder name>."""
+    return Path("exports") / Path(run_dir).resolve().name
+
+
 def export_run(run_dir: Path, out: Path | None = None, formats: Sequence[str] = FORMATS,
                checkpoint: str | Path | None = None, overwrite: bool = False,
                log: Callable[[str], None] = print) -> Path:
@@ -177,7 +182,7 @@ def export_run(run_dir: Path, out: Path | None = None, formats: Sequence[str] = 
     from toolkit.runs import save_model
 
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else Path("exports") / run_dir.resolve().name
+    out = Path(out) if out is not None else default_export_dir(run_dir)
     _check_destination(out, overwrite)
     source = load_source(run_dir, checkpoint)
     metadata = ArtifactMetadata(source.classes, list(MEAN), list(STD))

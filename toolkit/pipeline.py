@@ -19,14 +19,10 @@ import torch
 
 from toolkit.config import TrainConfig
 from toolkit.errors import ConfigError, VerificationError
-from toolkit.export import FORMATS, MANIFEST
+from toolkit.export import FORMATS, MANIFEST, default_export_dir
 from toolkit.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
 GRID_IMAGES = 32  # evaluation images shown with their predictions in the report
-
-
-def _default_export_dir(run_dir: Path) -> Path:
-    return Path("exports") / run_dir.resolve().name  # as `toolkit export` names it
 
 
 def _export_belongs_to(export_dir: Path, run_dir: Path) -> bool:
@@ -45,7 +41,7 @@ def _check_export_dir(export_dir: Path | None, output_dir: str | None) -> None:
     if export_dir is None and output_dir is None:
         return  # both names derive from a fresh timestamp
     run_dir = Path(output_dir) if output_dir else None
-    target = export_dir or _default_export_dir(run_dir)
+    target = export_dir or default_export_dir(run_dir)
     if target.exists() and not (run_dir and _export_belongs_to(target, run_dir)):
         raise ConfigError(f"--export-dir {target}: already exists and is not an export of this run; "
                           "choose another --export-dir or remove it")
@@ -92,7 +88,7 @@ def run_pipeline(cfg: TrainConfig, export_dir: Path | None = None, formats: Sequ
         return run_dir
 
     remove_outputs(run_dir)  # a rerun (--resume latest, --overwrite) replaces them all
-    target = export_dir or _default_export_dir(run_dir)
+    target = export_dir or default_export_dir(run_dir)
     export_dir = export_run(run_dir, target, formats, overwrite=_export_belongs_to(target, run_dir), log=log)
     shutil.copyfile(export_dir / MANIFEST, run_dir / EXPORT_MANIFEST)
     split = read_config(run_dir)["runtime"]["data"]["eval_split"]  # where train() evaluated: test, or val

@@ -199,12 +199,12 @@ def _shell(*words: str, width: int = 100) -> str:
 
 def reproduce_commands(run: RunFiles) -> list[str]:
     """Shell lines: `toolkit run` with the run's exact settings, then the same as separate steps."""
-    from toolkit.export import FORMATS
+    from toolkit.export import FORMATS, default_export_dir
     from toolkit.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
     run_path = run.config.get("output_dir") or str(run.run_dir)
     train_flags = config_flags(run.config, run_path)
-    export_dir = run.verify["export_dir"] if run.verify else str(Path("exports") / Path(run_path).name)
+    export_dir = run.verify["export_dir"] if run.verify else str(default_export_dir(Path(run_path)))
     export_flags = ["--export-dir", export_dir]
     export_step = ["--run", run_path, "--out", export_dir]
     if run.manifest is not None:
