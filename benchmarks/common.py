@@ -1,13 +1,12 @@
 """Helpers shared by the benchmark modules: sizes, thread pinning, timing and extra_info.
 
-Everything a report needs is written into `benchmark.extra_info`, so `toolkit bench-report` can
-build its tables from the saved JSON alone (see `toolkit/bench_report.py` for the keys it reads).
+Everything a report needs is written into `benchmark.extra_info`, so `python -m benchmarks.report` can
+build its tables from the saved JSON alone (see `benchmarks/report.py` for the keys it reads).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -132,12 +131,6 @@ def record_throughput(benchmark, images: int, seconds: float | None, flops_per_i
     benchmark.extra_info.update(images_per_s=images_per_s, achieved_gflops=gflops)
     if peak_gflops:
         benchmark.extra_info.update(matmul_peak_gflops=peak_gflops, share_of_matmul_peak=gflops / peak_gflops)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def steady_images_per_s(records: list[dict[str, Any]]) -> tuple[float, int]:

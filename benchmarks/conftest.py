@@ -19,22 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 
+import toolkit
 from benchmarks.common import FULL, ROOT, THREADS_ALL, TINY, Scale, real_data_dir, shown
 from benchmarks.flops import matmul_gflops, tutorialnet_flops
-
+from toolkit.apps.verify import load_verification_split
+from toolkit.artifacts.backends import load_backend
+from toolkit.artifacts.export import export_run
+from toolkit.artifacts.manifest import Manifest
+from toolkit.training.data import normalize
 
 _SESSION: dict[str, Any] = {}  # facts learned during the session, for the results file's machine_info
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     """Record library versions, the pinned thread count and the data into the results JSON."""
-    import onnxruntime
-
-    import toolkit
-
     machine_info["toolkit_bench"] = {
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "toolkit": toolkit.__version__},
@@ -114,8 +116,6 @@ class Trained:
 @pytest.fixture(scope="session")
 def trained(scale: Scale, tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """Train once (through the real CLI) and export every format once (through the library)."""
-    from toolkit.export import export_run
-
     base = tmp_path_factory.mktemp("bench-model")
     real = real_data_dir() if scale.full else None
     if real is not None:
@@ -155,13 +155,8 @@ MAX_BATCH = 1024
 
 @pytest.fixture(scope="session")
 def inputs(trained: Trained) -> Inputs:
-    from toolkit.backends import load_backend
-    from toolkit.data import normalize
-    from toolkit.export import read_manifest
-    from toolkit.verify import load_verification_split
-
-    held, _ = load_verification_split(read_manifest(trained.export), trained.verify_overrides, trained.verify_split)
+    held, _ = load_verification_split(Manifest.read(trained.export), trained.verify_overrides, trained.verify_split)
     index = torch.arange(MAX_BATCH) % len(held)  # tiny splits are repeated up to the largest batch
     images = normalize(held.images[index]).numpy()
-    eager = load_backend(trained.export / "model.safetensors")
+    eager = load_backend(trained.export)
     return Inputs(images, eager.predict_logits(images), f"{trained.data} {held.name} split")

@@ -73,7 +73,7 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) 
 
 def tutorialnet_flops() -> int:
     """Forward FLOPs per image of the toolkit's TutorialNet (1,303,440)."""
-    from toolkit.models import build_model
+    from toolkit.training.models import build_model
 
     return forward_flops(build_model("tutorial", 10))
 

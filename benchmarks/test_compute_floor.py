@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.common import THREADS_ALL, Scale, median_seconds, pinned_threads, time_call
 from benchmarks.flops import TRAINING_FACTOR, forward_flops, layer_flops, tutorialnet_flops
-from toolkit.models import build_model
+from toolkit.training.models import build_model
 
 # Per image: conv1 3->6, 5×5, output 6×28×28; conv2 6->16, 5×5, output 16×10×10; fc 400->120->84->10.
 EXPECTED = {

@@ -1,12 +1,12 @@
 """Seconds to export each format, and to verify every format over 10,000 images.
 
-- `test_export[format]`: `toolkit.export.export_run(run, out, formats=[format])` on the benchmark
+- `test_export[format]`: `toolkit.artifacts.export.export_run(run, out, formats=[format])` on the benchmark
   model (the library call behind `toolkit export`): loading the run's weights, writing that one
   format, the eager weights and manifest.json, hashing them. TorchScript (`torch.jit.script`), ONNX
   (the torch.export-based exporter + `onnx.checker` full check) and torch.export (.pt2). Three
   timed exports per format after one warm-up (imports and first-use compilation are a one-off cost
   of a process, not of an export); all cores.
-- `test_verify`: `toolkit.verify.verify_export` over 10,000 held-out images (the real split's 20 %
+- `test_verify`: `toolkit.apps.verify.verify_export` over 10,000 held-out images (the real split's 20 %
   hold-out when present, else 10,000 synthetic test images): eager, TorchScript, torch.export and
   ONNX Runtime each run all images (batches of 500) and are compared with eager. Threads: all cores.
   images_per_s counts images through all four formats. Three timed runs.
@@ -22,19 +22,19 @@ import pytest
 
 from benchmarks.common import THREADS_ALL, Scale, median_seconds, pinned_threads
 from benchmarks.conftest import Trained
+from toolkit.artifacts import formats
+from toolkit.artifacts.export import export_run
+from toolkit.artifacts.manifest import Manifest
+from toolkit.apps.verify import verify_export
 
-FORMATS = ("torchscript", "onnx", "pt2")
 
-
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", formats.EXPORTABLE)
 def test_export(benchmark, trained: Trained, scale: Scale, tmp_path: Path, fmt: str) -> None:
-    from toolkit.export import FILES, export_run, read_manifest
-
     out = tmp_path / f"export-{fmt}"
     lines: list[str] = []
 
     def export() -> Path:
-        return export_run(trained.run, out, formats=[fmt], overwrite=True, log=lines.append)
+        return export_run(trained.run, out, [fmt], overwrite=True, log=lines.append)
 
     benchmark.group = "export"
     benchmark.extra_info.update(kind="export", label=f"export {fmt}", format=fmt, threads=THREADS_ALL)
@@ -43,15 +43,13 @@ def test_export(benchmark, trained: Trained, scale: Scale, tmp_path: Path, fmt: 
             benchmark.pedantic(export, rounds=scale.export_rounds, warmup_rounds=1)
         else:
             benchmark.pedantic(export)
-    manifest = read_manifest(out)
-    assert FILES[fmt] in manifest["files"]
-    benchmark.extra_info.update(file=FILES[fmt], bytes=manifest["files"][FILES[fmt]]["size"],
-                                notes=manifest.get("notes", []))
+    file = formats.get(fmt).file
+    manifest = Manifest.read(out)
+    assert file in manifest.files
+    benchmark.extra_info.update(file=file, bytes=manifest.files[file].size, notes=manifest.notes)
 
 
 def test_verify(benchmark, trained: Trained, scale: Scale) -> None:
-    from toolkit.verify import verify_export
-
     def verify():
         return verify_export(trained.export, trained.verify_overrides, trained.verify_split, threads=THREADS_ALL)
 

@@ -1,15 +1,15 @@
 """GPU benchmarks (marked `gpu`): skipped cleanly on a machine without CUDA.
 
 - `test_gpu_onnxruntime[batch]`: ONNX Runtime with the CUDA execution provider through
-  `toolkit.backends.load_backend(providers=["CUDAExecutionProvider"])`, batch 1, 64 and 1024, host
+  `toolkit.artifacts.backends.load_backend(providers=["CUDAExecutionProvider"])`, batch 1, 64 and 1024, host
   numpy in and out (as `toolkit predict` uses it); outputs checked against eager on the CPU first.
   Skipped when this onnxruntime build has no CUDA provider.
-- `test_gpu_train_step[precision-batch]`: `toolkit.train.train_step` on the GPU, fp32 vs bf16
+- `test_gpu_train_step[precision-batch]`: `toolkit.training.train.train_step` on the GPU, fp32 vs bf16
   and fp16 (with loss scaling) autocast, batch 64 and 1024, data already on the device; every round ends with
   `torch.cuda.synchronize()` so the time is the GPU's, not the launch queue's.
 
 - `test_gpu_torch[format-batch]`: the eager model and the TorchScript file moved to the GPU
-  (`toolkit.backends` runs torch formats on the CPU by design, so these load the same files
+  (`toolkit.artifacts.backends` runs torch formats on the CPU by design, so these load the same files
   directly), fp32, host batch copied in and logits copied out, as a server would.
 
 Rounds are calibrated to about 1 s per case, as on the CPU.
@@ -37,7 +37,7 @@ def _device_name() -> str:
 def test_gpu_onnxruntime(benchmark, trained, inputs, scale: Scale, flops_per_image: int, batch: int) -> None:
     import onnxruntime as ort
 
-    from toolkit.backends import load_backend
+    from toolkit.artifacts.backends import load_backend
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)")
@@ -58,7 +58,7 @@ def test_gpu_onnxruntime(benchmark, trained, inputs, scale: Scale, flops_per_ima
 @pytest.mark.parametrize("batch", [1, 64, 1024], ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("fmt", ["eager", "torchscript"])
 def test_gpu_torch(benchmark, trained, inputs, scale: Scale, flops_per_image: int, fmt: str, batch: int) -> None:
-    from toolkit.runs import load_model
+    from toolkit.training.runs import load_model
 
     if fmt == "eager":
         module = load_model(trained.export / "model.safetensors").model.cuda()
@@ -87,8 +87,8 @@ def test_gpu_train_step(benchmark, scale: Scale, flops_per_image: int, precision
 
     from accelerate import Accelerator
 
-    from toolkit.models import build_model
-    from toolkit.train import train_step
+    from toolkit.training.models import build_model
+    from toolkit.training.train import train_step
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

@@ -1,6 +1,6 @@
 """Inference latency and throughput of every runtime on the trained TutorialNet, side by side.
 
-What: `Backend.predict_logits(batch)` of `toolkit.backends` (the same call `toolkit predict` and
+What: `Backend.predict_logits(batch)` of `toolkit.artifacts.backends` (the same call `toolkit predict` and
 `toolkit verify` make) for eager PyTorch (.safetensors), TorchScript (.ts), torch.export (.pt2) and
 ONNX Runtime (.onnx), at batch 1, 64 and 1024. The timed call includes the backend's input
 validation and the numpy <-> tensor hand-over, as a client sees it.
@@ -26,13 +26,13 @@ import pytest
 
 from benchmarks.common import (THREADS_ALL, Scale, median_seconds, pinned_threads, record_throughput, resolve_threads,
                                time_call)
-from toolkit.backends import Backend, load_backend
+from toolkit.artifacts import formats
+from toolkit.artifacts.backends import Backend, load_backend
 
-FILES = {"eager": "model.safetensors", "torchscript": "model.ts", "pt2": "model.pt2", "onnxruntime": "model.onnx"}
 BATCHES = (1, 64, 1024)
-CASES = [("eager", 1), ("eager", "all"), ("torchscript", 1), ("torchscript", "all"), ("pt2", 1), ("pt2", "all"),
-         ("onnxruntime", "default"), ("onnxruntime", 1), ("onnxruntime", "all")]
-ATOL = RTOL = 1e-4  # the tolerance of `toolkit verify`
+# Every format of the registry; ONNX Runtime also with its own default thread pool.
+CASES = [(f.name, t) for f in formats.FORMATS
+         for t in (("default", 1, "all") if f.runtime == "onnxruntime" else (1, "all"))]
 
 _loaded: dict[tuple[str, str, int | None], Backend] = {}
 
@@ -43,9 +43,10 @@ def _backend(export_dir, name: str, threads: int | None) -> Backend:
     Torch formats share one instance across thread counts: their threads are torch's process-wide
     setting, pinned around each measurement instead.
     """
-    key = (str(export_dir), name, threads if name == "onnxruntime" else None)
+    fmt = formats.get(name)
+    key = (str(export_dir), name, threads if fmt.runtime == "onnxruntime" else None)
     if key not in _loaded:
-        _loaded[key] = load_backend(export_dir / FILES[name], threads=key[2])
+        _loaded[key] = load_backend(export_dir / fmt.file, threads=key[2])
     return _loaded[key]
 
 
@@ -61,14 +62,15 @@ def test_inference(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_
     with pinned_threads(torch_threads):
         logits = runtime.predict_logits(x)
         reference = inputs.eager_logits[:batch]
-        np.testing.assert_allclose(logits, reference, atol=ATOL, rtol=RTOL,
+        np.testing.assert_allclose(logits, reference, atol=formats.LOGIT_ATOL, rtol=formats.LOGIT_RTOL,
                                    err_msg=f"{backend} logits differ from eager's: not timing a wrong answer")
         benchmark.group = f"inference batch {batch}"
         benchmark.extra_info.update(
             kind="inference", backend=backend, batch=batch, threads=threads if count is None else count,
             thread_setting=("ORT default session options" if count is None else
-                            "onnxruntime intra_op_num_threads" if backend == "onnxruntime" else "torch.set_num_threads"),
-            torch_threads=torch_threads, file=FILES[backend], data=inputs.source,
+                            "onnxruntime intra_op_num_threads" if runtime.format.runtime == "onnxruntime"
+                            else "torch.set_num_threads"),
+            torch_threads=torch_threads, file=runtime.format.file, data=inputs.source,
             max_abs_diff_vs_eager=float(np.abs(logits - reference).max()), flops_per_image=flops_per_image)
         time_call(benchmark, lambda: runtime.predict_logits(x), scale)
     median = median_seconds(benchmark)  # seconds per batch; None when benchmarking is disabled

@@ -1,6 +1,6 @@
 """Training throughput: the step, a whole epoch, 1 vs 2 processes, and time-to-accuracy.
 
-- `test_train_step[precision-batch]`: one `toolkit.train.train_step` (forward, fp32 loss, backward,
+- `test_train_step[precision-batch]`: one `toolkit.training.train.train_step` (forward, fp32 loss, backward,
   SGD step) on an in-memory batch, fp32 vs bf16 autocast, at batch 4 (the tutorial's) and the fast
   recipe's batch (`RECIPES["fast"]`, 128), all cores (`torch.set_num_threads`). Rounds calibrated
   to about 1 s.
@@ -8,7 +8,7 @@
   real CIFAR-10 split when present, else synthetic; evenly spaced over the classes) at the fast
   recipe's batch size, every batch through `train_step`, with the model, optimizer and loader
   prepared by Accelerate:
-    fast      the toolkit's in-memory loader (`toolkit.data.make_loader`, decoded once);
+    fast      the toolkit's in-memory loader (`toolkit.training.data.make_loader`, decoded once);
     fast-aug  the same with the fast recipe's vectorized random crop + flip;
     pil       the tutorial's way: `torchvision.datasets.ImageFolder` + `ToTensor` +
               `Normalize((0.5,)*3, (0.5,)*3)`, `DataLoader(shuffle=True, num_workers=2)`, every
@@ -41,11 +41,14 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.common import (ROOT, THREADS_ALL, Scale, median_seconds, pinned_threads, read_metrics,
-                               real_data_dir, record_throughput, steady_images_per_s, time_call)
+from benchmarks.common import (ROOT, THREADS_ALL, Scale, median_seconds, pinned_threads, real_data_dir,
+                               record_throughput, steady_images_per_s, time_call)
 from benchmarks.flops import TRAINING_FACTOR
-from toolkit.config import RECIPES
-from toolkit.data import Split
+from toolkit.training.config import RECIPES, DataConfig
+from toolkit.training.data import Split, load_splits, make_loader, make_synthetic, normalize, write_imagefolder
+from toolkit.training.metrics import read_metrics
+from toolkit.training.models import build_model
+from toolkit.training.train import train_step
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}  # benchmark id -> --mixed-precision
 EPOCH_BATCH = int(RECIPES["fast"].get("batch_size", 64))  # the tutorial's loader is measured at the same size
@@ -92,13 +95,8 @@ class EpochData:
 
 @pytest.fixture(scope="session")
 def epoch_data(scale: Scale, tmp_path_factory: pytest.TempPathFactory) -> EpochData:
-    from toolkit.data import make_synthetic, write_imagefolder
-
     real = real_data_dir() if scale.full else None
     if real is not None:
-        from toolkit.config import DataConfig
-        from toolkit.data import load_splits
-
         full = load_splits(DataConfig(data="imagefolder", data_dir=str(real), val_fraction=0.0)).train
         index = torch.linspace(0, len(full) - 1, scale.epoch_images).round().long()  # every class, evenly
         return EpochData(full.subset("train", index), real / "train", index,
@@ -110,8 +108,6 @@ def epoch_data(scale: Scale, tmp_path_factory: pytest.TempPathFactory) -> EpochD
 
 
 def _model_and_optimizer(accelerator, lr: float = 0.01):
-    from toolkit.models import build_model
-
     torch.manual_seed(0)
     model = build_model("tutorial", 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -134,15 +130,8 @@ def _tutorial_loader(data: EpochData, batch: int):
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=TUTORIAL_WORKERS)
 
 
-def _loss_of(result) -> torch.Tensor:
-    """The loss of a `train_step` result (a tensor, or a result object carrying `.loss`)."""
-    return getattr(result, "loss", result)
-
-
 def _epoch(model, loader, optimizer, loss_fn, accelerator) -> int:
     """One pass over `loader`, every batch through the trainer's `train_step`; returns images seen."""
-    from toolkit.train import train_step
-
     model.train()
     seen = 0
     for images, labels in loader:
@@ -159,9 +148,6 @@ def _epoch(model, loader, optimizer, loss_fn, accelerator) -> int:
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_train_step(benchmark, accelerator_for, scale: Scale, matmul_peak, flops_per_image: int,
                     precision: str, batch: int) -> None:
-    from toolkit.data import make_synthetic, normalize
-    from toolkit.train import train_step
-
     accelerator = accelerator_for(precision)
     model, optimizer = _model_and_optimizer(accelerator)
     split, _ = make_synthetic(max(batch, 10), 1)
@@ -174,7 +160,7 @@ def test_train_step(benchmark, accelerator_for, scale: Scale, matmul_peak, flops
     with pinned_threads(THREADS_ALL):
         model.train()
         loss = time_call(benchmark, lambda: train_step(model, images, labels, optimizer, loss_fn, accelerator), scale)
-    assert torch.isfinite(_loss_of(loss)).item()
+    assert torch.isfinite(loss.loss).item()
     median = median_seconds(benchmark)
     if median is not None:
         record_throughput(benchmark, batch, median, TRAINING_FACTOR * flops_per_image, matmul_peak(THREADS_ALL))
@@ -184,8 +170,6 @@ def test_train_step(benchmark, accelerator_for, scale: Scale, matmul_peak, flops
 @pytest.mark.parametrize("path", ["fast", "fast-aug", "pil"])
 def test_epoch(benchmark, accelerator_for, epoch_data: EpochData, scale: Scale, matmul_peak,
                flops_per_image: int, path: str, precision: str) -> None:
-    from toolkit.data import make_loader
-
     accelerator = accelerator_for(precision)
     model, optimizer = _model_and_optimizer(accelerator)
     if path == "pil":
@@ -200,12 +184,10 @@ def test_epoch(benchmark, accelerator_for, epoch_data: EpochData, scale: Scale, 
         kind="epoch", label=f"epoch {path} {precision} batch {EPOCH_BATCH}", path=path, precision=precision,
         batch=EPOCH_BATCH, threads=THREADS_ALL, images=n, data=epoch_data.source,
         loader=("ImageFolder+ToTensor+Normalize, DataLoader num_workers=2" if path == "pil" else
-                "toolkit.data.make_loader (in memory)" + (", crop+flip" if path == "fast-aug" else "")),
+                "toolkit.training.data.make_loader (in memory)" + (", crop+flip" if path == "fast-aug" else "")),
         flops_per_image=TRAINING_FACTOR * flops_per_image)
     with pinned_threads(THREADS_ALL):
         # Warm-up steps on one batch: oneDNN kernel creation and allocator growth are not an epoch's cost.
-        from toolkit.train import train_step
-
         images, labels = next(iter(make_loader(epoch_data.split, EPOCH_BATCH, shuffle=False)))
         for _ in range(3):
             train_step(model, images, labels, optimizer, loss_fn, accelerator)

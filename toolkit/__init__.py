@@ -1,4 +1,14 @@
 """Distributed training (Hugging Face Accelerate), export and verified inference for the
-PyTorch CIFAR-10 tutorial network."""
+PyTorch CIFAR-10 tutorial network.
+
+Four sub-packages, each importing only from those before it (tests/test_architecture.py checks):
+
+    core       errors, the image format (size, normalization, decoding), file helpers; no torch
+    training   config, data, model, the Accelerate loop, evaluation, checkpoints, the run folder
+    artifacts  the format registry, export, one `Backend` interface over every runtime
+    apps       verify, predict, the `toolkit run` pipeline, the report, the command line
+
+Importing `toolkit` imports none of them.
+"""
 
 __version__ = "0.1.0"

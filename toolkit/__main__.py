@@ -1,6 +1,6 @@
 """`python -m toolkit ...` — the entry point `accelerate launch -m toolkit` uses."""
 
-from toolkit.cli import main
+from toolkit.apps.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,364 @@
+"""`python -m benchmarks.report`: tables and a bar chart from saved pytest-benchmark results.
+
+Input: the JSON that `make bench` writes (`pytest --benchmark-json=...`, default the newest
+`benchmarks/results/*.json`). Everything is read from each benchmark's `stats.median` (seconds per
+timed call) and `extra_info`, which the benchmark suite fills:
+
+- inference rows (`extra_info.kind == "inference"`): `backend` (a format of
+  `toolkit.artifacts.formats`, with `-cuda` when it ran on a GPU), `batch`, `threads` (an int, or
+  "default" for ONNX Runtime's own choice). The median is the latency of one batch; images/s is
+  batch / median; the speed-up is eager's median at the same batch and thread count divided by
+  this row's (rows with threads "default" are compared with eager at the highest thread count of
+  the file);
+- other rows (training, launch, time-to-accuracy, export, verify, matmul): `kind`, `label`, and
+  when present `images_per_s` (which for `launch` and `time_to_accuracy` comes from the trainer's
+  own metrics, not from the wall time), `share_of_matmul_peak`, `gflops`, `final_val_accuracy`,
+  `time_to_accuracy`, `bytes`, `images`.
+
+`--json` prints the inference rows as `{backend, batch, threads, median_ms, images_per_s,
+speedup_vs_eager}` (plus `file` when several files are given); otherwise a Markdown report is
+printed and a PNG bar chart written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from toolkit.artifacts import formats
+from toolkit.core.errors import ToolkitError
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROW_KEYS = ("backend", "batch", "threads", "median_ms", "images_per_s", "speedup_vs_eager")
+_KIND_ORDER = ("matmul", "train_step", "epoch", "launch", "time_to_accuracy", "export", "verify")
+# The issue's targets on a 2-core CPU: (what, threshold).
+TARGET_ORT_BATCH1 = 5.0  # ONNX Runtime batch-1 latency at least 5× lower than eager
+TARGET_ORT_BATCH1024 = 2.0  # ONNX Runtime batch-1024 throughput at least 2× eager
+TARGET_FAST_VS_PIL = 5.0  # fast training path at least 5× the tutorial DataLoader's images/s
+
+
+class BenchReportError(ToolkitError):
+    """No results file, or one that is not a pytest-benchmark JSON of this suite."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def newest_results(results_dir: Path = RESULTS_DIR) -> Path:
+    """The most recently modified `*.json` directly in `results_dir`."""
+    files = sorted(Path(results_dir).glob("*.json"), key=lambda p: p.stat().st_mtime) \
+        if Path(results_dir).is_dir() else []
+    if not files:
+        raise BenchReportError(f"no benchmark results in {results_dir}/ (run `make bench` first, or pass a FILE)")
+    return files[-1]
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """A pytest-benchmark JSON file, checked to hold a `benchmarks` list."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchReportError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BenchReportError(f"{path}: not a readable JSON file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise BenchReportError(f"{path}: not a pytest-benchmark results file (no 'benchmarks' list)")
+    return data
+
+
+def _benchmarks(data: dict[str, Any], path: Path) -> Iterable[tuple[dict[str, Any], float]]:
+    """(extra_info, median seconds) of every benchmark that carries this suite's extra_info."""
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") if isinstance(bench, dict) else None
+        median = (bench.get("stats") or {}).get("median") if isinstance(bench, dict) else None
+        if not isinstance(info, dict) or "kind" not in info:
+            continue
+        if not isinstance(median, (int, float)) or not median > 0:
+            raise BenchReportError(f"{path}: benchmark {bench.get('name')!r} has no positive stats.median")
+        yield {**info, "name": bench.get("name")}, float(median)
+
+
+def _format_of(backend: str) -> str:
+    """The format a backend row measured: `onnx-cuda` -> `onnx`."""
+    return backend.removesuffix("-cuda")
+
+
+def _thread_key(threads: Any) -> tuple[int, float]:
+    return (0, float(threads)) if isinstance(threads, (int, float)) else (1, 0.0)
+
+
+def _inference_rows(data: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for info, median in _benchmarks(data, path):
+        if info["kind"] != "inference":
+            continue
+        try:
+            batch = int(info["batch"])
+            backend, threads = str(info["backend"]), info["threads"]
+        except (KeyError, TypeError, ValueError):
+            raise BenchReportError(f"{path}: inference benchmark {info['name']!r} lacks backend/batch/threads "
+                                   "in extra_info") from None
+        rows.append({"backend": backend, "batch": batch, "threads": threads, "median_ms": median * 1e3,
+                     "images_per_s": batch / median, "speedup_vs_eager": None})
+    # Speed-up over eager at the same batch and thread count; a non-numeric thread setting
+    # (ONNX Runtime's default) is compared with eager at the highest pinned thread count.
+    eager = {(r["batch"], r["threads"]): r["median_ms"] for r in rows if r["backend"] == "eager"}
+    counts = [t for (_, t) in eager if isinstance(t, (int, float))]
+    top = max(counts) if counts else None
+    for r in rows:
+        base = eager.get((r["batch"], r["threads"] if isinstance(r["threads"], (int, float)) else top))
+        r["speedup_vs_eager"] = base / r["median_ms"] if base else None
+    rows.sort(key=lambda r: (r["batch"], formats.order(_format_of(r["backend"])), r["backend"],
+                             _thread_key(r["threads"])))
+    return rows
+
+
+def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Inference rows {backend, batch, threads, median_ms, images_per_s, speedup_vs_eager} of the files.
+
+    With several files every row also names its `file`; speed-ups are computed within each file.
+    """
+    out = []
+    for path in paths:
+        rows = _inference_rows(load_results(path), Path(path))
+        if len(paths) > 1:
+            rows = [{**r, "file": str(path)} for r in rows]
+        out.extend(rows)
+    return out
+
+
+def load_other_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Training, launch, time-to-accuracy, export, verify and matmul rows of the files."""
+    out = []
+    for path in paths:
+        for info, median in _benchmarks(load_results(path), Path(path)):
+            if info["kind"] == "inference":
+                continue
+            row = {"kind": info["kind"], "label": info.get("label") or info["name"], "median_s": median,
+                   "images_per_s": info.get("images_per_s"), "share_of_matmul_peak": info.get("share_of_matmul_peak"),
+                   "threads": info.get("threads"), "info": info}
+            if len(paths) > 1:
+                row["file"] = str(path)
+            out.append(row)
+    order = {k: i for i, k in enumerate(_KIND_ORDER)}
+    out.sort(key=lambda r: (r.get("file", ""), order.get(r["kind"], len(order))))
+    return out
+
+
+def describe_machine(path: Path) -> str:
+    """One line: CPU, cores, Python, library versions and the thread count, from the file's machine_info."""
+    data = load_results(path)
+    machine = data.get("machine_info") or {}
+    cpu = machine.get("cpu") or {}
+    suite = machine.get("toolkit_bench") or {}
+    parts = [cpu.get("brand_raw") or machine.get("processor") or machine.get("machine") or "unknown CPU",
+             f"{cpu.get('count', '?')} logical CPUs"]
+    if suite:
+        parts.append(", ".join(f"{k} {v}" for k, v in suite.get("versions", {}).items()))
+        parts.append(f"'all' threads = {suite.get('threads_all')}")
+        if suite.get("data"):
+            parts.append(f"data: {suite['data']}")
+    parts.append(f"Python {machine.get('python_version', '?')}")
+    when = data.get("datetime")
+    commit = (data.get("commit_info") or {}).get("id")
+    parts.append(f"run {when[:19] if when else '?'}" + (f", commit {commit[:10]}" if commit else ""))
+    return "; ".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if abs(value) >= 10 ** digits:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _speedup(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _notes(row: dict[str, Any]) -> str:
+    info, kind = row["info"], row["kind"]
+    if kind == "matmul":
+        return f"{_num(info.get('gflops'))} GFLOP/s" if info.get("gflops") else ""
+    if kind == "time_to_accuracy":
+        tta = info.get("time_to_accuracy") or {}
+        reached = [f"{100 * float(t):.0f} % at {s:.0f} s" for t, s in tta.items() if s is not None]
+        final = info.get("final_val_accuracy")
+        return (f"final val acc {_percent(final)} after {_num(info.get('train_seconds'))} s training "
+                f"({info.get('epochs')} epochs, batch {info.get('batch')})"
+                + ("; " + ", ".join(reached) if reached else ""))
+    if kind == "launch":
+        return f"global batch {info.get('global_batch')}, {info.get('steps')} steps; images/s from metrics.jsonl"
+    if kind == "epoch":
+        return f"{info.get('images')} images; {info.get('loader', '')}"
+    if kind == "export":
+        size = info.get("bytes")
+        return f"{info.get('file', '')}" + (f", {size / 1024:.0f} KiB" if size else "")
+    if kind == "verify":
+        return f"{info.get('images')} images × {len(info.get('formats', []))} formats"
+    return ""
+
+
+def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, measured: met only if every comparable row meets it (no cherry-picking)."""
+    lines = []
+
+    def check(what: str, ratios: list[tuple[str, float]], target: float) -> None:
+        if not ratios:
+            return
+        worst = min(r for _, r in ratios)
+        shown = ", ".join(f"{r:.2f}× ({label})" for label, r in ratios)
+        lines.append(f"- {what} ≥ {target:g}×: {shown} — **{'met' if worst >= target else 'not met'}**")
+
+    for batch, target, what in ((1, TARGET_ORT_BATCH1, "ONNX Runtime batch-1 latency vs eager"),
+                                (1024, TARGET_ORT_BATCH1024, "ONNX Runtime batch-1024 throughput vs eager")):
+        ratios = [(f"threads {r['threads']}", r["speedup_vs_eager"]) for r in rows
+                  if r["backend"] == "onnx" and r["batch"] == batch and r["speedup_vs_eager"]
+                  and "file" not in r]
+        check(what, ratios, target)
+    epochs = {(r["info"].get("path"), r["info"].get("precision")): r["images_per_s"] for r in other
+              if r["kind"] == "epoch" and r["images_per_s"] and "file" not in r}
+    ratios = [(precision, epochs[("fast", precision)] / epochs[("pil", precision)])
+              for (path, precision) in epochs if path == "pil" and ("fast", precision) in epochs]
+    check("fast training epoch vs the tutorial's PIL DataLoader (images/s, same batch)", ratios, TARGET_FAST_VS_PIL)
+    tta = {r["info"].get("recipe"): r["info"] for r in other if r["kind"] == "time_to_accuracy" and "file" not in r}
+    if "fast" in tta and "seed" in tta and tta["seed"].get("final_val_accuracy") is not None:
+        goal = tta["seed"]["final_val_accuracy"]
+        fast_at = next((s for _, s, acc in tta["fast"].get("curve", []) if acc is not None and acc >= goal), None)
+        seed_at = tta["seed"].get("train_seconds")
+        lines.append(f"- time to the seed recipe's final val accuracy ({_percent(goal)}): recipe fast "
+                     + (f"{fast_at:.0f} s" if fast_at is not None else "never")
+                     + f", recipe seed {_num(seed_at)} s of training")
+    return lines
+
+
+def _table(header: list[str], rows: list[dict[str, Any]], cells: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    """A Markdown table of `rows`, with a leading `file` column when they come from several files."""
+    several = any("file" in r for r in rows)
+    lines = ["| " + " | ".join((["file"] if several else []) + header) + " |", "|" + "---|" * (len(header) + several)]
+    lines += ["| " + " | ".join(([Path(r["file"]).name] if several else []) + cells(r)) + " |" for r in rows]
+    return lines + [""]
+
+
+def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | None = None,
+                    machine: str | None = None) -> str:
+    """The inference table (backend × batch), the other results in a second table, and the targets."""
+    out = []
+    if machine:
+        out += [f"Machine: {machine}", ""]
+    if rows:
+        out += _table(["backend", "threads", "batch", "median ms / batch", "images/s", "speed-up vs eager"], rows,
+                      lambda r: [r["backend"], str(r["threads"]), str(r["batch"]), _num(r["median_ms"]),
+                                 _num(r["images_per_s"]), _speedup(r["speedup_vs_eager"])])
+    if other:
+        out += _table(["benchmark", "threads", "median s", "images/s", "share of matmul peak", "notes"], other,
+                      lambda r: [r["label"], str(r["threads"] if r["threads"] is not None else "–"),
+                                 _num(r["median_s"]), _num(r["images_per_s"]),
+                                 _percent(r["share_of_matmul_peak"]), _notes(r)])
+    targets = _targets(rows, other or [])
+    if targets:
+        out += ["Targets (this run):", *targets, ""]
+    if not rows and not other:
+        out.append("(no toolkit benchmark results in the file)")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def plot(rows: list[dict[str, Any]], png_path: Path) -> Path:
+    """Bar chart of inference images/s: one panel per batch size, one bar per backend and thread setting.
+
+    Drawn on a `matplotlib.figure.Figure` directly, as `toolkit.apps.plots` does: no pyplot, no GUI backend.
+    """
+    png_path = Path(png_path)
+    batches = sorted({r["batch"] for r in rows})
+    if not batches:
+        raise BenchReportError("no inference rows to plot")
+    fig = Figure(figsize=(4.2 * len(batches), 0.45 * max(sum(r["batch"] == b for r in rows) for b in batches) + 1.6))
+    axes = fig.subplots(1, len(batches), squeeze=False)
+    colors = {"eager": "#4c72b0", "torchscript": "#55a868", "pt2": "#8172b2", "onnx": "#c44e52"}
+    for ax, batch in zip(axes[0], batches):
+        selected = [r for r in rows if r["batch"] == batch]
+        labels = [(f"{Path(r['file']).stem}: " if "file" in r else "") + f"{r['backend']} t={r['threads']}"
+                  for r in selected]
+        values = [r["images_per_s"] for r in selected]
+        ax.barh(range(len(selected)), values,
+                color=[colors.get(_format_of(r["backend"]), "#937860") for r in selected])
+        ax.set_yticks(range(len(selected)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"batch {batch}", fontsize=10)
+        ax.set_xlabel("images/s (higher is better)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        for i, r in enumerate(selected):
+            if r["speedup_vs_eager"]:
+                ax.text(values[i], i, f" {r['speedup_vs_eager']:.1f}×", va="center", fontsize=7)
+        ax.set_xlim(0, max(values) * 1.25)
+    fig.suptitle("TutorialNet inference throughput (× = speed-up vs eager, same threads)", fontsize=10)
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    return png_path
+
+
+def bench_report(files: Sequence[Path] = (), as_json: bool = False, png: Path | None = None,
+                 no_png: bool = False, results_dir: Path = RESULTS_DIR, out=print, log=None) -> list[dict[str, Any]]:
+    """Print the Markdown report (or the JSON rows) and write the chart.
+
+    The chart goes to `png`, else beside the last results file with a .png suffix; with `--json`
+    only when `png` is given.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr))
+    paths = [Path(f) for f in files] or [newest_results(results_dir)]
+    rows = load_rows(paths)
+    other = load_other_rows(paths)
+    if not rows and not other:
+        raise BenchReportError(f"{', '.join(map(str, paths))}: no benchmark of this suite (no extra_info 'kind')")
+    if as_json:
+        out(json.dumps(rows, indent=2))
+    else:
+        machine = describe_machine(paths[-1]) if len(paths) == 1 else None
+        out(render_markdown(rows, other, machine).rstrip("\n"))
+    if rows and not no_png and (png is not None or not as_json):
+        target = plot(rows, png if png is not None else paths[-1].with_suffix(".png"))
+        log(f"benchmarks.report: chart written to {target}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                     description="Markdown table and bar chart of saved benchmark results (make bench)")
+    parser.add_argument("files", type=Path, nargs="*", metavar="FILE",
+                        help="pytest-benchmark JSON files (default: the newest benchmarks/results/*.json)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the inference rows as JSON {backend, batch, threads, median_ms, images_per_s, "
+                             "speedup_vs_eager} instead of Markdown")
+    parser.add_argument("--png", type=Path, default=None,
+                        help="bar chart path (default: beside the newest FILE, .png; with --json only when given)")
+    parser.add_argument("--no-png", dest="no_png", action="store_true", help="do not write the bar chart")
+    args = parser.parse_args(argv)
+    try:
+        bench_report(args.files, args.json, args.png, args.no_png)
+    except BenchReportError as exc:
+        print(f"benchmarks.report: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""toolkit predict: image files -> class and probability, through any artifact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import Export, assert_clean_error, assert_ok, cli, edit_onnx, rehash
+from toolkit.training.data import make_synthetic, write_imagefolder
+from toolkit.apps.predict import predict_images
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str]]:
+    """30 images of the synthetic test split the fixture's model was evaluated on, as PNG files, with labels."""
+    test = make_synthetic(500, 200)[1]
+    root = tmp_path_factory.mktemp("images")
+    write_imagefolder(test.subset("test", torch.arange(30)), root)
+    return [(p, p.parent.name) for p in sorted(root.glob("*/*.png"))]
+
+
+@pytest.mark.parametrize("artifact", ["model.onnx", "model.ts", "model.pt2"])
+def test_predict_labels_synthetic_images(exported: Export, images, capsys, artifact: str) -> None:
+    proc = cli(capsys, "predict", exported.dir / artifact, *[p for p, _ in images], "--json")
+    assert_ok(proc)
+    predictions = json.loads(proc.stdout)
+    assert [p["image"] for p in predictions] == [str(p) for p, _ in images]
+    assert [p["class"] for p in predictions] == [label for _, label in images]
+    assert all(0.1 < p["probability"] <= 1.0 and p["top_k"][0]["class"] == p["class"] for p in predictions)
+
+
+def test_predict_text_output_top_k_and_threads(exported: Export, images, capsys) -> None:
+    (first, label), (second, _) = images[0], images[1]
+    proc = cli(capsys, "predict", exported.dir / "model.onnx", first, second, "--top-k", "3", "--threads", "1")
+    assert_ok(proc)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(first)) and lines[0].split()[1] == label
+    assert lines[0].count("%") == 3
+    top = predict_images(exported.dir / "model.onnx", [first], top_k=10)[0].top
+    probs = [p for _, p in top]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1.0) < 1e-5
+
+
+def test_predict_accepts_any_size_and_format(exported: Export, images, tmp_path: Path) -> None:
+    """A 64×64 JPEG, an RGBA PNG and a grayscale image are converted to 32×32 RGB like training data."""
+    path, label = images[0]
+    big = Image.open(path).resize((64, 64), Image.NEAREST)
+    big.save(tmp_path / "big.jpg", quality=95)
+    Image.open(path).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.open(path).convert("L").save(tmp_path / "gray.png")
+    files = [tmp_path / "big.jpg", tmp_path / "rgba.png", tmp_path / "gray.png"]
+    predictions = predict_images(exported.dir / "model.onnx", files)
+    assert [p.label for p in predictions[:2]] == [label, label]  # same picture, other encoding
+    assert 0 < predictions[2].probability <= 1
+
+
+def test_predict_uses_the_normalization_in_the_artifact(exported: Export, images, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
+
+    def other_mean(model) -> None:
+        next(p for p in model.metadata_props if p.key == "mean").value = json.dumps([0.1, 0.1, 0.1])
+
+    edit_onnx(folder / "model.onnx", other_mean)
+    rehash(folder, "model.onnx")
+    files = [p for p, _ in images[:5]]
+    true = [p.probability for p in predict_images(exported.dir / "model.onnx", files)]
+    shifted = [p.probability for p in predict_images(folder / "model.onnx", files)]
+    assert not np.allclose(true, shifted, atol=1e-3)
+
+
+def test_predict_refuses_a_file_that_differs_from_its_manifest(exported: Export, images, tmp_path: Path,
+                                                                 capsys) -> None:
+    folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
+    edit_onnx(folder / "model.onnx", lambda m: m.metadata_props.add(key="note", value="changed"))
+    image = images[0][0]
+    assert_clean_error(cli(capsys, "predict", folder / "model.onnx", image), str(folder / "model.onnx"), "sha256",
+                       "--no-hash-check")
+    assert_ok(cli(capsys, "predict", folder / "model.onnx", image, "--no-hash-check"))
+
+
+def test_predict_bad_inputs(exported: Export, images, tmp_path: Path, capsys) -> None:
+    onnx_file, image = exported.dir / "model.onnx", images[0][0]
+    (tmp_path / "notes.png").write_text("this is not an image")
+    (tmp_path / "cut.png").write_bytes(image.read_bytes()[:40])
+    cases = [
+        ([onnx_file], ["no images given"]),
+        ([onnx_file, tmp_path / "missing.png"], [str(tmp_path / "missing.png"), "cannot read"]),
+        ([onnx_file, image, tmp_path / "notes.png"], [str(tmp_path / "notes.png"), "not a readable image"]),
+        ([onnx_file, tmp_path / "cut.png"], [str(tmp_path / "cut.png"), "not a readable image"]),
+        ([tmp_path / "missing.onnx", image], [str(tmp_path / "missing.onnx"), "no such file"]),
+        ([tmp_path / "notes.png", image], ["notes.png", "unsupported artifact type"]),
+        ([onnx_file, image, "--top-k", "11"], ["--top-k", "between 1 and 10", "11"]),
+        ([onnx_file, image, "--threads", "0"], ["--threads", ">= 1"]),
+    ]
+    for args, fragments in cases:
+        assert_clean_error(cli(capsys, "predict", *args), *fragments)
+
+
+def test_predict_max_batch_and_chunks(exported: Export, images, capsys, monkeypatch) -> None:
+    import toolkit.apps.predict
+
+    onnx_file, files = exported.dir / "model.onnx", [p for p, _ in images[:5]]
+    assert_clean_error(cli(capsys, "predict", onnx_file, *files[:3], "--max-batch", "2"),
+                       "3 images exceed the limit of 2", "--max-batch")
+    assert_clean_error(cli(capsys, "predict", onnx_file, files[0], "--max-batch", "0"), "--max-batch", ">= 1")
+    whole = predict_images(onnx_file, files, top_k=10, max_batch=5)
+    monkeypatch.setattr(toolkit.apps.predict, "CHUNK", 2)  # decoded and run 2, 2 and 1 at a time
+    chunked = predict_images(onnx_file, files, top_k=10, max_batch=5)
+    assert [p.image for p in chunked] == [str(f) for f in files]
+    for a, b in zip(whole, chunked):
+        assert a.label == b.label and np.allclose([q for _, q in a.top], [q for _, q in b.top], atol=1e-6)
+
+
+def test_predict_refuses_folders_and_special_files_as_images(exported: Export, images, tmp_path: Path, capsys) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would block forever
+    (tmp_path / "folder.png").mkdir()
+    for name in ("pipe.png", "folder.png"):
+        assert_clean_error(cli(capsys, "predict", exported.dir / "model.onnx", images[0][0], tmp_path / name),
+                           str(tmp_path / name), "cannot read image (not a regular file)")
+
+
+@pytest.mark.parametrize("program", ["model.ts", "model.pt2"])
+def test_predict_checks_a_programs_hash_before_loading_it(exported: Export, images, tmp_path: Path, capsys,
+                                                          monkeypatch, program: str) -> None:
+    import toolkit.apps.predict
+
+    folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
+    with open(folder / program, "ab") as f:
+        f.write(b"\0")
+    loaded: list[Path] = []
+    monkeypatch.setattr(toolkit.apps.predict, "load_backend", lambda path, **kwargs: loaded.append(path))
+    assert_clean_error(cli(capsys, "predict", folder / program, images[0][0]), str(folder / program), "sha256",
+                       "--no-hash-check")
+    assert loaded == []

@@ -1,0 +1,190 @@
+"""toolkit.apps.verify: every format against eager over a whole split; tampered files must fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from onnx import numpy_helper
+
+from tests.helpers import CLASSES, Export, assert_clean_error, assert_ok, cli, edit_onnx, rehash
+from toolkit.core.files import sha256_file
+from toolkit.apps.verify import compare
+from toolkit.artifacts.formats import FORMATS
+
+ROWS = [f.name for f in FORMATS]
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def copy(exported: Export, tmp_path: Path) -> Path:
+    """A private copy of the export folder, free to tamper with."""
+    return Path(shutil.copytree(exported.dir, tmp_path / "export"))
+
+
+def test_verify_passes_on_a_true_export_and_writes_nothing_there(exported: Export, tmp_path: Path, capsys) -> None:
+    before = _snapshot(exported.dir)
+    proc = cli(capsys, "verify", exported.dir, "--json-out", tmp_path / "verify.json")
+    assert_ok(proc)
+    assert _snapshot(exported.dir) == before
+    table = proc.stdout.splitlines()
+    header = next(l for l in table if l.startswith("format"))
+    assert header.split()[:4] == ["format", "max|Δlogit|", "agree", "%"] and all(c in header for c in CLASSES)
+    rows = {l.split()[0]: l.split() for l in table if l.split() and l.split()[0] in ROWS}
+    assert list(rows) == ROWS
+    assert all(len(r) == 1 + 3 + 10 + 1 and r[-1] == "ok" for r in rows.values())  # 10 per-class columns
+    report = json.loads((tmp_path / "verify.json").read_text())
+    assert report["passed"] and report["split"] == "test" and report["n"] == 200
+    assert list(report["formats"]) == ROWS
+    eager = report["formats"]["eager"]
+    assert eager["accuracy"] >= 0.9  # the fixture's model learned the synthetic classes
+    for name, r in report["formats"].items():
+        assert r["passed"] and r["failures"] == [] and r["agreement"] == 1.0, name
+        assert r["max_abs_logit_diff"] <= 1e-4 and r["sha256_matches_manifest"] is True
+        assert r["accuracy"] == eager["accuracy"] and r["per_class"] == eager["per_class"], name
+        assert list(r["per_class"]) == CLASSES
+
+
+def test_verify_fails_on_a_tampered_onnx_weight(copy: Path, tmp_path: Path, capsys) -> None:
+    def shift_a_bias(model) -> None:
+        bias = next(t for t in model.graph.initializer if t.name == "fc3.bias")
+        values = numpy_helper.to_array(bias).copy()
+        values[3] += 5.0  # class3 wins far more often
+        bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+
+    edit_onnx(copy / "model.onnx", shift_a_bias)
+    # 1. As shipped: the hash no longer matches, and the numbers are reported anyway.
+    proc = cli(capsys, "verify", copy, "--json-out", tmp_path / "v.json")
+    assert proc.returncode == 3
+    assert_clean_error(proc, "onnx", "worst sample")
+    formats = json.loads((tmp_path / "v.json").read_text())["formats"]
+    failures = formats["onnx"]["failures"]
+    assert formats["onnx"]["sha256_matches_manifest"] is False and "sha256 differs" in failures[0]
+    assert all(formats[f]["passed"] for f in ("eager", "torchscript", "pt2"))
+    # 2. With the manifest updated to the tampered file, the numerics alone fail it.
+    rehash(copy, "model.onnx")
+    before = _snapshot(copy)
+    proc = cli(capsys, "verify", copy, "--json-out", tmp_path / "v.json")
+    assert proc.returncode == 3 and _snapshot(copy) == before
+    assert_clean_error(proc, "onnx", "max |Δlogit|", "worst sample")
+    onnx_row = next(l for l in proc.stdout.splitlines() if l.startswith("onnx"))
+    assert onnx_row.endswith("FAIL") and "FAIL onnx (model.onnx): " in proc.stdout
+    result = json.loads((tmp_path / "v.json").read_text())["formats"]["onnx"]
+    assert result["sha256_matches_manifest"] is True and not result["passed"]
+    assert result["max_abs_logit_diff"] >= 4.9 and result["agreement"] < 1.0
+    assert any("top-2 margin" in f for f in result["failures"])
+    assert f"worst sample {result['worst_sample']} " in result["failures"][0]
+
+
+def test_verify_fails_on_wrong_normalization_metadata(copy: Path, tmp_path: Path, capsys) -> None:
+    def wrong_std(model) -> None:
+        for prop in model.metadata_props:
+            if prop.key == "std":
+                prop.value = json.dumps([0.25, 0.25, 0.25])
+
+    edit_onnx(copy / "model.onnx", wrong_std)
+    rehash(copy, "model.onnx")
+    proc = cli(capsys, "verify", copy, "--json-out", tmp_path / "v.json")
+    assert_clean_error(proc, "onnx", "max |Δlogit|")
+    formats = json.loads((tmp_path / "v.json").read_text())["formats"]
+    assert not formats["onnx"]["passed"] and formats["onnx"]["max_abs_logit_diff"] > 1e-2
+    assert all(formats[f]["passed"] for f in ("eager", "torchscript", "pt2"))
+
+
+def test_verify_works_without_the_source_run_folder(copy: Path, capsys) -> None:
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["source"]["run"] = str(copy.parent / "deleted-run")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli(capsys, "verify", copy, "--data", "synthetic", "--split", "val")
+    assert_ok(proc)
+    assert "val split, 50 images" in proc.stdout
+
+
+def test_verify_refuses_to_write_json_over_an_artifact(copy: Path, capsys) -> None:
+    before = _snapshot(copy)
+    assert_clean_error(cli(capsys, "verify", copy, "--json-out", copy / "manifest.json"),
+                       "--json-out", "would overwrite")
+    assert _snapshot(copy) == before
+
+
+@pytest.mark.parametrize("problem", ["missing folder", "no manifest", "broken manifest", "missing file"])
+def test_verify_bad_export_folders(copy: Path, capsys, problem: str) -> None:
+    fragments = [str(copy)]
+    if problem == "missing folder":
+        shutil.rmtree(copy)
+        fragments.append("no such export folder")
+    elif problem == "no manifest":
+        (copy / "manifest.json").unlink()
+        fragments.append("not an export folder")
+    elif problem == "broken manifest":
+        (copy / "manifest.json").write_text("{ truncated")
+        fragments.append("unreadable manifest")
+    else:
+        (copy / "model.pt2").unlink()
+        fragments = [str(copy / "model.pt2"), "no such file"]
+    assert_clean_error(cli(capsys, "verify", copy), *fragments)
+
+
+def test_compare_tolerates_flips_within_the_tolerance_only() -> None:
+    labels = np.array([0, 1])
+    reference = np.array([[1.0, 1.00005, 0.0], [0.0, 3.0, 1.0]])
+    # Sample 0: eager's top-2 margin (5e-5) is inside the tolerance, so a flip there is rounding noise.
+    near_tie = np.array([[1.00005, 1.0, 0.0], [0.0, 3.0, 1.0]], dtype=np.float32)
+    result = compare("x", "f", near_tie, reference, labels, ["a", "b", "c"], atol=1e-4, rtol=1e-4)
+    assert result.passed and result.agreement == 0.5 and result.accuracy == 1.0
+    assert result.per_class == {"a": 1.0, "b": 1.0, "c": 0.0}
+    # Sample 1: every logit moves by at most 1.1, inside atol 1.2, but eager's margin (2.0) exceeds
+    # the tolerance, so the flip is a failure on its own.
+    flipped = np.array([[1.0, 1.00005, 0.0], [0.0, 1.9, 2.0]], dtype=np.float32)
+    result = compare("x", "f", flipped, reference, labels, ["a", "b", "c"], atol=1.2, rtol=0.0)
+    assert not result.passed and len(result.failures) == 1
+    assert "top-2 margin" in result.failures[0] and "worst sample 1 " in result.failures[0]
+    # Outside the tolerance: the worst sample is named.
+    result = compare("x", "f", flipped, reference, labels, ["a", "b", "c"], atol=1e-4, rtol=1e-4)
+    assert result.worst_sample == 1 and "exceeds the tolerance on 1 of 2 images; worst sample 1" in result.failures[0]
+
+
+@pytest.mark.parametrize("program", ["model.ts", "model.pt2"])
+def test_a_changed_program_file_is_not_loaded(copy: Path, tmp_path: Path, capsys, monkeypatch, program: str) -> None:
+    """.ts and .pt2 files are programs: with a sha256 that differs from the manifest, verify never loads them."""
+    import toolkit.apps.verify
+
+    loaded: list[str] = []
+    real = toolkit.apps.verify.load_backend
+
+    def spy(path, *args, **kwargs):
+        loaded.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(toolkit.apps.verify, "load_backend", spy)
+    with open(copy / program, "ab") as f:
+        f.write(b"\0")  # still a valid zip, but not the exported bytes
+    proc = cli(capsys, "verify", copy, "--json-out", tmp_path / "v.json")
+    assert proc.returncode == 3 and program not in loaded and len(loaded) == 3, loaded
+    row = {"model.ts": "torchscript", "model.pt2": "pt2"}[program]
+    assert_clean_error(proc, row, "not loaded", "program", str(copy / program))
+    assert next(l for l in proc.stdout.splitlines() if l.startswith(row)).endswith("FAIL")
+    result = json.loads((tmp_path / "v.json").read_text())["formats"][row]
+    assert result["sha256_matches_manifest"] is False and result["max_abs_logit_diff"] is None
+    assert result["accuracy"] is None and set(result["per_class"].values()) == {None}
+    others = [r for name, r in json.loads((tmp_path / "v.json").read_text())["formats"].items() if name != row]
+    assert len(others) == 3 and all(r["passed"] for r in others)
+
+
+def test_run_backend_stays_below_the_backends_max_batch(exported: Export) -> None:
+    from toolkit.artifacts.backends import load_backend
+    from toolkit.apps.verify import run_backend
+
+    backend = load_backend(exported.dir / "model.onnx", max_batch=4)
+    sizes: list[int] = []
+    real = backend.predict_logits
+    backend.predict_logits = lambda x: sizes.append(len(x)) or real(x)  # type: ignore[method-assign]
+    images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    assert run_backend(backend, images).shape == (10, 10) and sizes == [4, 4, 2]

@@ -1,0 +1,366 @@
+"""toolkit.artifacts.backends: one interface over every runtime, and its input and file validation."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from tests.helpers import FILES, Export, edit_onnx, rewrite_zip
+from toolkit.artifacts import backends as backends_module
+from toolkit.artifacts.backends import Backend, load_backend
+from toolkit.artifacts.metadata import ArtifactMetadata
+from toolkit.artifacts.onnx_runtime import default_providers
+from toolkit.core.images import MEAN, STD
+from toolkit.training.data import make_synthetic, normalize
+from toolkit.core.errors import ArtifactError, ConfigError, InputError
+
+
+@pytest.fixture(scope="module")
+def backends(exported: Export) -> dict[str, Backend]:
+    return {name: load_backend(exported.dir / file) for name, file in FILES.items()}
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_every_backend_gives_the_eager_logits_at_any_batch_size(backends: dict[str, Backend], n: int) -> None:
+    x = np.random.default_rng(n).standard_normal((n, 3, 32, 32)).astype(np.float32)
+    reference = backends["eager"].predict_logits(x)
+    assert reference.shape == (n, 10) and reference.dtype == np.float32
+    for name, backend in backends.items():
+        assert backend.name == name
+        logits = backend.predict_logits(x)
+        assert logits.shape == (n, 10) and logits.dtype == np.float32, name
+        np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_torch_tensors_and_numpy_arrays_give_the_same_logits(backends: dict[str, Backend]) -> None:
+    x = torch.randn(5, 3, 32, 32)
+    for backend in backends.values():
+        np.testing.assert_array_equal(backend.predict_logits(x), backend.predict_logits(x.numpy()))
+
+
+def test_metadata_normalization_is_the_training_normalization() -> None:
+    images = make_synthetic(10, 10)[1].images
+    meta = ArtifactMetadata([f"c{i}" for i in range(10)], list(MEAN), list(STD))
+    np.testing.assert_allclose(meta.normalize(images), normalize(images).numpy(), atol=1e-6)
+    other = ArtifactMetadata(meta.class_names, [0.4, 0.5, 0.6], [0.2, 0.3, 0.4]).normalize(images)
+    assert not np.allclose(other, normalize(images).numpy(), atol=1e-3)
+
+
+def test_a_run_or_export_folder_loads_as_eager(exported: Export) -> None:
+    for folder in (exported.run, exported.dir):
+        backend = load_backend(folder)
+        assert backend.name == "eager" and backend.path == folder / "model.safetensors"
+
+
+_GOOD = np.zeros((2, 3, 32, 32), dtype=np.float32)
+_NAN, _INF = _GOOD.copy(), _GOOD.copy()
+_NAN[1, 2, 3, 4] = np.nan
+_INF[0, 0, 0, 0] = -np.inf
+
+
+@pytest.mark.parametrize("batch, fragments", [
+    (_GOOD[0], ["rank-4", "rank 3", "3×32×32"]),
+    (_GOOD[None], ["rank-4", "rank 5"]),
+    (np.zeros((2, 1, 32, 32), np.float32), ["expected 3 channels", "got 1", "2×1×32×32"]),
+    (np.zeros((2, 3, 28, 32), np.float32), ["expected 32×32", "got 28×32"]),
+    (_GOOD.astype(np.float64), ["float32", "float64"]),
+    (np.zeros((2, 3, 32, 32), np.uint8), ["float32", "uint8"]),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.float16), ["float32", "float16"]),
+    (_NAN, ["NaN or inf", "index 1"]),
+    (_INF, ["NaN or inf", "index 0"]),
+    (np.zeros((0, 3, 32, 32), np.float32), ["empty batch", "0×3×32×32"]),
+    (_GOOD.tolist(), ["numpy array or torch tensor", "list"]),
+], ids=["rank3", "rank5", "channels", "size", "float64", "uint8", "float16", "nan", "inf", "empty", "list"])
+def test_bad_batches_are_rejected_by_every_backend(backends: dict[str, Backend], batch, fragments: list[str]) -> None:
+    for name, backend in backends.items():
+        with pytest.raises(InputError) as info:
+            backend.predict_logits(batch)
+        message = str(info.value)
+        assert "\n" not in message and str(backend.path) in message, message
+        for fragment in fragments:
+            assert fragment in message, f"{name}: {fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".ts", ".pt2", ".safetensors"])
+def test_missing_truncated_and_non_model_files(exported: Export, tmp_path: Path, suffix: str) -> None:
+    name = next(f for f in FILES.values() if f.endswith(suffix))
+    data = (exported.dir / name).read_bytes()
+    cases = {"missing": None, "truncated": data[: len(data) // 2], "text": b"not a model at all\n"}
+    for case, content in cases.items():
+        path = tmp_path / f"{case}{suffix}"
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ArtifactError) as info:
+            load_backend(path)
+        message = str(info.value)
+        assert str(path) in message and "\n" not in message, f"{case}: {message}"
+        if case == "missing":
+            assert "no such file" in message
+
+
+def test_unsupported_suffix(tmp_path: Path) -> None:
+    (tmp_path / "model.tflite").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match=r"model\.tflite: unsupported artifact type '\.tflite'"):
+        load_backend(tmp_path / "model.tflite")
+
+
+def test_onnx_with_another_input_shape_is_refused(exported: Export, tmp_path: Path) -> None:
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"])], "other",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 64, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, load_backend(exported.dir / "model.onnx").metadata.to_strings())
+    onnx.save_model(model, str(tmp_path / "other.onnx"))
+    with pytest.raises(ArtifactError) as info:
+        load_backend(tmp_path / "other.onnx")
+    assert "other.onnx" in str(info.value) and "[N, 3, 32, 32]" in str(info.value) and "64, 64]" in str(info.value)
+
+
+def test_onnx_without_toolkit_metadata_is_refused(exported: Export, tmp_path: Path) -> None:
+    path = tmp_path / "bare.onnx"
+    shutil.copy(exported.dir / "model.onnx", path)
+    edit_onnx(path, lambda m: m.ClearField("metadata_props"))
+    with pytest.raises(ArtifactError, match="no toolkit metadata"):
+        load_backend(path)
+
+
+def test_onnx_runtime_threads_and_providers(exported: Export, monkeypatch) -> None:
+    import onnxruntime
+
+    backend = load_backend(exported.dir / "model.onnx", threads=1, providers=["CPUExecutionProvider"])
+    assert backend.providers == ["CPUExecutionProvider"]
+    assert backend.session.get_session_options().intra_op_num_threads == 1
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert default_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_max_batch_bounds_each_call_and_large_batches_run_in_chunks(exported: Export, backends: dict[str, Backend],
+                                                                     monkeypatch) -> None:
+    x = np.random.default_rng(0).standard_normal((7, 3, 32, 32)).astype(np.float32)
+    reference = backends["eager"].predict_logits(x)
+    monkeypatch.setattr(backends_module, "CHUNK", 3)  # 7 images: runtime calls of 3, 3 and 1
+    for name, file in FILES.items():
+        backend = load_backend(exported.dir / file, max_batch=7)
+        assert backend.max_batch == 7
+        np.testing.assert_allclose(backend.predict_logits(x), reference, atol=1e-4, rtol=1e-4, err_msg=name)
+        with pytest.raises(InputError) as info:
+            backend.predict_logits(np.concatenate([x, x[:1]]))
+        assert "batch of 8 images exceeds the limit of 7" in str(info.value) and "--max-batch" in str(info.value)
+    assert load_backend(exported.dir / "model.onnx", max_batch=None).predict_logits(x).shape == (7, 10)
+    assert load_backend(exported.dir / "model.onnx").max_batch == backends_module.DEFAULT_MAX_BATCH
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="--max-batch: must be an integer >= 1"):
+            load_backend(exported.dir / "model.onnx", max_batch=bad)
+
+
+def test_any_tensor_or_array_is_checked_before_conversion(backends: dict[str, Backend]) -> None:
+    """dtypes numpy cannot hold (bfloat16), sparse/meta/nested tensors and masked arrays are InputErrors, not
+    crashes; float32 in the other byte order and read-only arrays are accepted."""
+    good = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    reference = backends["eager"].predict_logits(good)
+    rejected = {
+        "bfloat16": (torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16), "got bfloat16"),
+        "complex": (torch.zeros(2, 3, 32, 32, dtype=torch.complex64), "got complex64"),
+        "sparse": (torch.zeros(2, 3, 32, 32).to_sparse(), "sparse_coo"),
+        "meta": (torch.zeros(2, 3, 32, 32, device="meta"), "meta device"),
+        "nested": (torch.nested.nested_tensor([torch.zeros(3, 32, 32)] * 2, layout=torch.jagged), "nested"),
+        "masked": (np.ma.masked_array(good), "MaskedArray"),
+        "object": (good.astype(object), "got object"),
+    }
+    swapped = good.astype(">f4")
+    readonly = good.copy()
+    readonly.flags.writeable = False
+    for name, backend in backends.items():
+        for case, (batch, fragment) in rejected.items():
+            with pytest.raises(InputError, match=fragment):
+                backend.predict_logits(batch)
+        for batch in (swapped, readonly, torch.from_numpy(good).requires_grad_()):
+            np.testing.assert_allclose(backend.predict_logits(batch), reference, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_inputs_that_overflow_the_model_are_an_error_not_nan_logits(backends: dict[str, Backend]) -> None:
+    x = np.zeros((3, 3, 32, 32), np.float32)
+    x[1] = 3e38  # finite, but the first layer overflows to inf and the logits become NaN
+    for name, backend in backends.items():
+        with pytest.raises(InputError) as info:
+            backend.predict_logits(x)
+        message = str(info.value)
+        assert "non-finite logits for 1 image(s), first at index 1" in message and "3e+38" in message, name
+
+
+def test_a_model_that_gives_nan_for_ordinary_inputs_is_an_artifact_error(exported: Export, tmp_path: Path) -> None:
+    from onnx import numpy_helper
+
+    def nan_bias(model) -> None:
+        bias = next(t for t in model.graph.initializer if t.name == "fc3.bias")
+        values = numpy_helper.to_array(bias).copy()
+        values[3] = np.nan
+        bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+
+    path = tmp_path / "nan.onnx"
+    shutil.copy(exported.dir / "model.onnx", path)
+    edit_onnx(path, nan_bias)
+    with pytest.raises(ArtifactError, match=r"nan\.onnx: the model gives non-finite logits for 2 image\(s\), first at "
+                                            r"index 0, whose values are ordinary"):
+        load_backend(path).predict_logits(np.zeros((2, 3, 32, 32), np.float32))
+
+
+def test_a_model_that_returns_the_wrong_shape_is_an_artifact_error(backends: dict[str, Backend]) -> None:
+    class Broken(Backend):
+        def _run(self, batch: np.ndarray) -> np.ndarray:
+            return np.zeros((len(batch), 3), np.float32)
+
+    broken = Broken(Path("broken.onnx"), backends["onnx"].format, backends["eager"].metadata)
+    with pytest.raises(ArtifactError, match=r"broken\.onnx: the model returned logits of shape \(2, 3\) for 2 images; "
+                                            r"expected \(2, 10\)"):
+        broken.predict_logits(np.zeros((2, 3, 32, 32), np.float32))
+
+
+# --- Files that are not what their suffix says, or that would run code while loading -------------------------
+
+class _Payload:
+    """Unpickling this creates `marker` (`io.open(marker, "w")`): a harmless stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _torch_save(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _edit_json(edit):
+    def apply(raw: bytes) -> bytes:
+        value = json.loads(raw)
+        edit(value)
+        return json.dumps(value).encode()
+    return apply
+
+
+def _pickled_weight(marker: Path):
+    def edit(config) -> None:
+        first = next(iter(config["config"].values()))
+        first["use_pickle"] = True  # torch.export.load: torch.load(weights_only=False) of data/weights/weight_0
+    return {"model/data/weights/model_weights_config.json": _edit_json(edit),
+            "model/data/weights/weight_0": _torch_save(_Payload(marker))}
+
+
+def _sympy_expression(marker: Path):
+    def edit(text: bytes) -> bytes:  # sympy.sympify evaluates the string as Python
+        symbol = "Symbol('s77', positive=True, integer=True)"
+        assert symbol.encode() in text
+        return text.replace(symbol.encode(), f"open('{marker}', 'w') and {symbol}".encode(), 1)
+    return {"model/models/model.json": edit}
+
+
+def _guard_code(marker: Path):
+    def edit(program) -> None:  # ExportedProgram.module() exec()s each guard
+        program["guards_code"] = [f"open('{marker}', 'w') is not None"]
+    return {"model/models/model.json": _edit_json(edit)}
+
+
+def _os_target(marker: Path):
+    def edit(program) -> None:
+        program["graph_module"]["graph"]["nodes"][-1]["target"] = "torch.serialization.os.system"
+    return {"model/models/model.json": _edit_json(edit)}
+
+
+def _setstate(marker: Path):
+    def edit(code: bytes) -> bytes:  # TorchScript runs __setstate__ while loading
+        return code + b"\n  def __setstate__(self, state: Tuple[int]) -> None:\n    pass\n"
+    return {"model/code/__torch__/toolkit/training/models.py": edit}
+
+
+# (case, source file, suffix to write, how: replace / add / whole file, fragments of the error)
+_CRAFTED = [
+    ("ts-data-pkl", "model.ts", ".ts", lambda m: {"model/data.pkl": pickle.dumps(_Payload(m), protocol=2)},
+     ["not a loadable TorchScript file", "Unknown type name 'io.open'"]),
+    ("ts-constants-pkl", "model.ts", ".ts", lambda m: {"model/constants.pkl": pickle.dumps((_Payload(m),), protocol=2)},
+     ["not a loadable TorchScript file", "Unknown type name 'io.open'"]),
+    ("ts-setstate", "model.ts", ".ts", _setstate, ["refusing to load this TorchScript file", "__setstate__"]),
+    ("torch-save-as-ts", None, ".ts", lambda m: _torch_save({"x": _Payload(m)}),
+     ["not a TorchScript file", "no constants.pkl", "torch.save"]),
+    ("pt2-as-ts", "model.pt2", ".ts", None, ["not a TorchScript file", "looks like a torch.export .pt2"]),
+    ("onnx-as-ts", "model.onnx", ".ts", None, ["not a TorchScript file (not a zip archive"]),
+    ("ts-as-pt2", "model.ts", ".pt2", None, ["not a torch.export (.pt2) file", "looks like a TorchScript file"]),
+    ("onnx-as-pt2", "model.onnx", ".pt2", None, ["not a torch.export (.pt2) file (not a zip archive"]),
+    ("torch-save-as-pt2", None, ".pt2", lambda m: _torch_save({"x": _Payload(m)}),
+     ["not a torch.export (.pt2) file", "no archive_format"]),
+    ("pt2-sample-inputs", "model.pt2", ".pt2",
+     lambda m: {"model/data/sample_inputs/model.pt": _torch_save(((_Payload(m),), {}))},
+     ["refusing to load", "data/sample_inputs/model.pt does not load as plain tensors"]),
+    ("pt2-pickled-weight", "model.pt2", ".pt2", _pickled_weight, ["refusing to load", "'conv1.weight'", "(pickled)"]),
+    ("pt2-opaque-object", "model.pt2", ".pt2",
+     lambda m: {"+model/data/constants/opaque_obj_0": pickle.dumps(_Payload(m))},
+     ["refusing to load", "unexpected entry 'data/constants/opaque_obj_0'"]),
+    ("pt2-aoti", "model.pt2", ".pt2", lambda m: {"+model/data/aotinductor/model/model.so": b"\x7fELF"},
+     ["refusing to load", "AOTInductor compiled native code"]),
+    ("pt2-sympy", "model.pt2", ".pt2", _sympy_expression, ["refusing to load", "symbolic expression", "open("]),
+    ("pt2-guards", "model.pt2", ".pt2", _guard_code, ["refusing to load", "guard code"]),
+    ("pt2-target", "model.pt2", ".pt2", _os_target, ["refusing to load", "'torch.serialization.os.system'"]),
+]
+
+
+@pytest.mark.parametrize("case, source, suffix, craft, fragments", _CRAFTED, ids=[c[0] for c in _CRAFTED])
+def test_crafted_archives_are_refused_without_running_their_payload(exported: Export, tmp_path: Path, case: str,
+                                                                   source: str | None, suffix: str, craft,
+                                                                   fragments: list[str]) -> None:
+    """Each payload would create `marker` if unpickled or evaluated. Plain torch.export.load (torch 2.14) does run
+    the sample-inputs, pickled-weight, opaque-object and sympy payloads, and `.module()` the guard code; torch.jit.load
+    refuses the pickles itself. Loading must be a one-line ArtifactError and the marker must not exist."""
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / f"{case}{suffix}"
+    recipe = craft(marker) if craft else None
+    if isinstance(recipe, bytes):
+        path.write_bytes(recipe)
+    elif recipe is None:
+        shutil.copy(exported.dir / source, path)
+    else:
+        add = {k[1:]: v for k, v in recipe.items() if k.startswith("+")}
+        replace = {k: v for k, v in recipe.items() if not k.startswith("+")}
+        rewrite_zip(exported.dir / source, path, replace=replace, add=add)
+    with pytest.raises(ArtifactError) as info:
+        load_backend(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert not marker.exists(), f"{case}: the payload ran"
+
+
+def test_an_untouched_rewrite_still_loads(exported: Export, tmp_path: Path) -> None:
+    """The crafted cases above differ from a loadable file only by their payload."""
+    for name in ("model.ts", "model.pt2"):
+        backend = load_backend(rewrite_zip(exported.dir / name, tmp_path / name))
+        assert backend.predict_logits(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 10)
+
+
+def test_onnx_with_external_data_is_refused(exported: Export, tmp_path: Path) -> None:
+    def external(model) -> None:
+        weight = model.graph.initializer[0]
+        weight.ClearField("raw_data")
+        weight.data_location = onnx.TensorProto.EXTERNAL
+        weight.external_data.add(key="location", value="../../secret.bin")
+
+    path = tmp_path / "external.onnx"
+    shutil.copy(exported.dir / "model.onnx", path)
+    edit_onnx(path, external)
+    with pytest.raises(ArtifactError, match=r"stored in an external file '\.\./\.\./secret\.bin'; only self-contained"):
+        load_backend(path)

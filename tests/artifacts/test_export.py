@@ -1,0 +1,279 @@
+"""toolkit.artifacts.export: the files, their metadata, the manifest, and each file in a process with only its runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tests.helpers import CLASSES, Export, assert_clean_error, assert_ok, cli
+from toolkit.artifacts.backends import load_backend
+from toolkit.artifacts.manifest import Manifest
+from toolkit.artifacts.metadata import METADATA_KEYS, ArtifactMetadata
+from toolkit.core.files import sha256_file
+from toolkit.core.images import MEAN, STD
+
+EXPECTED_METADATA = {"class_names": CLASSES, "mean": list(MEAN), "std": list(STD), "input_layout": "NCHW"}
+
+
+def _batches() -> dict[int, np.ndarray]:
+    g = np.random.default_rng(0)
+    return {n: g.standard_normal((n, 3, 32, 32)).astype(np.float32) for n in (1, 7, 64)}
+
+
+def test_export_writes_every_format_and_a_complete_manifest(exported: Export) -> None:
+    names = {p.name for p in exported.dir.iterdir()}
+    # One self-contained file per format: no `.onnx.data` or other external-data file.
+    assert names == {"model.ts", "model.onnx", "model.pt2", "model.safetensors", "manifest.json"}
+    manifest = json.loads((exported.dir / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        assert entry["size"] == (exported.dir / name).stat().st_size
+        assert entry["sha256"] == sha256_file(exported.dir / name)
+    assert {e["format"] for e in manifest["files"].values()} == {"torchscript", "onnx", "pt2", "eager"}
+    assert manifest["files"]["model.ts"]["method"] == "script"
+    assert manifest["files"]["model.onnx"]["exporter"] == "dynamo"
+    assert manifest["opset"] >= 18 and manifest["files"]["model.onnx"]["opset"] == manifest["opset"]
+    assert manifest["input"] == {**manifest["input"], "name": "images", "shape": ["N", 3, 32, 32], "dtype": "float32"}
+    assert manifest["output"]["name"] == "logits" and manifest["output"]["shape"] == ["N", 10]
+    assert manifest["class_names"] == CLASSES and manifest["mean"] == list(MEAN) and manifest["std"] == list(STD)
+    assert manifest["source"]["run"] == str(exported.run.resolve())
+    assert manifest["source"]["sha256"] == sha256_file(exported.run / "model.safetensors")
+    assert manifest["source"]["checkpoint"] is None and manifest["precision"] == "fp32"
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime"}
+
+
+def test_deprecation_warnings_are_one_line(exported: Export) -> None:
+    lines = exported.log.splitlines()
+    deprecated = [l for l in lines if "deprecated" in l]
+    assert len(deprecated) == 1 and "torch.jit.script" in deprecated[0], exported.log
+    assert "Traceback" not in exported.log and "warnings.warn" not in exported.log
+
+
+def test_onnx_file_is_checked_self_contained_and_dynamic(exported: Export) -> None:
+    path = exported.dir / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in model.graph.initializer)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    (inp,), (out,) = model.graph.input, model.graph.output
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert inp.name == "images" and out.name == "logits"
+    assert isinstance(dims[0], str) and dims[0] and dims[1:] == [3, 32, 32]
+
+
+def test_onnx_loads_with_only_onnxruntime(exported: Export, tmp_path: Path) -> None:
+    """A client with onnxruntime (no torch) and the one file can label images: batches 1, 7, 64."""
+    batches = _batches()
+    for n, x in batches.items():
+        np.save(tmp_path / f"x{n}.npy", x)
+    snippet = f"""
+import json, sys
+import numpy as np, onnxruntime as ort
+sess = ort.InferenceSession({str(exported.dir / 'model.onnx')!r}, providers=["CPUExecutionProvider"])
+meta = sess.get_modelmeta().custom_metadata_map
+for n in (1, 7, 64):
+    x = np.load({str(tmp_path)!r} + f"/x{{n}}.npy")
+    np.save({str(tmp_path)!r} + f"/onnx{{n}}.npy", sess.run(["logits"], {{"images": x}})[0])
+assert "torch" not in sys.modules, "onnxruntime alone must be enough"
+print(json.dumps(meta))
+"""
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert_ok(proc)
+    meta = {k: json.loads(v) for k, v in json.loads(proc.stdout).items() if k in METADATA_KEYS}
+    assert meta == {**EXPECTED_METADATA, "toolkit_version": meta["toolkit_version"]} and meta["toolkit_version"]
+    eager = load_backend(exported.dir / "model.safetensors")
+    for n, x in batches.items():
+        np.testing.assert_allclose(np.load(tmp_path / f"onnx{n}.npy"), eager.predict_logits(x), atol=1e-4, rtol=1e-4)
+
+
+def test_torchscript_and_pt2_load_with_only_torch(exported: Export, tmp_path: Path) -> None:
+    """A client with torch alone (no toolkit, no onnxruntime) loads model.ts and model.pt2 with metadata."""
+    batches = _batches()
+    for n, x in batches.items():
+        np.save(tmp_path / f"x{n}.npy", x)
+    snippet = f"""
+import json, sys, warnings
+import numpy as np, torch
+warnings.simplefilter("ignore", FutureWarning)
+out = {{}}
+extra = {{"metadata.json": ""}}
+ts = torch.jit.load({str(exported.dir / 'model.ts')!r}, _extra_files=extra)
+out["ts"] = json.loads(extra["metadata.json"])
+extra = {{"metadata.json": ""}}
+pt2 = torch.export.load({str(exported.dir / 'model.pt2')!r}, extra_files=extra).module()
+out["pt2"] = json.loads(extra["metadata.json"])
+with torch.inference_mode():
+    for n in (1, 7, 64):
+        x = torch.from_numpy(np.load({str(tmp_path)!r} + f"/x{{n}}.npy"))
+        np.save({str(tmp_path)!r} + f"/ts{{n}}.npy", ts(x).numpy())
+        np.save({str(tmp_path)!r} + f"/pt2{{n}}.npy", pt2(x).numpy())
+assert not {{"toolkit", "onnxruntime", "onnx"}} & set(sys.modules), "torch alone must be enough"
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert_ok(proc)
+    for fmt, props in json.loads(proc.stdout).items():
+        meta = {k: json.loads(v) for k, v in props.items()}
+        assert meta == {**EXPECTED_METADATA, "toolkit_version": meta["toolkit_version"]}, fmt
+    eager = load_backend(exported.dir / "model.safetensors")
+    for n, x in batches.items():
+        for fmt in ("ts", "pt2"):
+            np.testing.assert_allclose(np.load(tmp_path / f"{fmt}{n}.npy"), eager.predict_logits(x), atol=1e-5)
+
+
+def test_metadata_round_trips_through_every_format(exported: Export) -> None:
+    manifest = json.loads((exported.dir / "manifest.json").read_text())
+    for name in ("model.ts", "model.onnx", "model.pt2", "model.safetensors"):
+        meta = load_backend(exported.dir / name).metadata
+        assert (meta.class_names, meta.mean, meta.std, meta.input_layout) == \
+               (manifest["class_names"], manifest["mean"], manifest["std"], "NCHW"), name
+    meta = ArtifactMetadata(["a", "b"], [0.1, 0.2, 0.3], [1.0, 2.0, 3.0])
+    assert ArtifactMetadata.from_strings(meta.to_strings(), Path("x")) == meta
+
+
+def test_export_refuses_an_existing_folder_unless_overwrite(exported: Export, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "again"
+    assert_ok(cli(capsys, "export", "--run", exported.run, "--out", out, "--formats", "torchscript"))
+    before = sha256_file(out / "manifest.json")
+    assert_clean_error(cli(capsys, "export", "--run", exported.run, "--out", out, "--formats", "torchscript"),
+                       str(out), "already exists", "--overwrite")
+    assert sha256_file(out / "manifest.json") == before
+    assert_ok(cli(capsys, "export", "--run", exported.run, "--out", out, "--formats", "pt2", "--overwrite"))
+    assert {p.name for p in out.iterdir()} == {"model.pt2", "model.safetensors", "manifest.json"}
+    assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temporary or moved-aside folder left
+    # --overwrite never replaces a folder that is not an export.
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    assert_clean_error(cli(capsys, "export", "--run", exported.run, "--out", tmp_path / "precious",
+                           "--formats", "torchscript", "--overwrite"), "not an export folder")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_export_from_a_checkpoint_and_of_a_mixed_precision_run_is_fp32(exported: Export, tmp_path: Path,
+                                                                       capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "bf16-run"
+    shutil.copytree(exported.run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["mixed_precision"] = config["runtime"]["mixed_precision"] = "bf16"
+    (run / "config.json").write_text(json.dumps(config))
+    # A checkpoint whose weights are bf16, as a half-precision state dict would be.
+    step = sorted((run / "checkpoints").iterdir())[-1]
+    weights = step / "model.safetensors"
+    save_file({k: v.bfloat16() for k, v in load_file(weights).items()}, weights)
+    state = json.loads((step / "state.json").read_text())
+    state["files"]["model.safetensors"] = sha256_file(weights)
+    (step / "state.json").write_text(json.dumps(state))
+
+    out = tmp_path / "exp"
+    assert_ok(cli(capsys, "export", "--run", run, "--out", out, "--formats", "torchscript", "--checkpoint", step.name))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["checkpoint"] == step.name
+    assert manifest["source"]["sha256"] == sha256_file(weights)
+    assert manifest["source"]["trained_mixed_precision"] == "bf16" and manifest["precision"] == "fp32"
+    assert {v.dtype for v in load_file(out / "model.safetensors").values()} == {torch.float32}
+    x = _batches()[7]
+    np.testing.assert_allclose(load_backend(out / "model.ts").predict_logits(x),
+                               load_backend(out / "model.safetensors").predict_logits(x), atol=1e-5)
+
+
+def test_onnx_falls_back_to_the_torchscript_exporter_and_records_it(tmp_path: Path, monkeypatch) -> None:
+    from toolkit.artifacts.export import write_onnx
+    from toolkit.training.models import TutorialNet
+
+    real_export = torch.onnx.export
+
+    def dynamo_fails(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("simulated dynamo failure")
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = write_onnx(TutorialNet().eval(), tmp_path / "model.onnx", ArtifactMetadata(CLASSES, list(MEAN), list(STD)))
+    assert any("legacy TorchScript-based ONNX export" in str(w.message) for w in caught)
+    assert info["exporter"] == "torchscript" and "simulated dynamo failure" in info["note"] and info["opset"] >= 18
+    backend = load_backend(tmp_path / "model.onnx")
+    assert backend.batch_size is None and backend.predict_logits(_batches()[7]).shape == (7, 10)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--formats", "onnx,tflite"], ["--formats", "tflite"]),
+    (["--checkpoint", "step_999999"], ["step_999999", "no such folder"]),
+])
+def test_export_bad_flags(exported: Export, tmp_path: Path, capsys, args: list[str], fragments: list[str]) -> None:
+    assert_clean_error(cli(capsys, "export", "--run", exported.run, "--out", tmp_path / "x", *args), *fragments)
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_of_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
+    assert_clean_error(cli(capsys, "export", "--run", tmp_path, "--out", tmp_path / "x"), str(tmp_path), "not a run folder")
+
+
+def test_torchscript_falls_back_to_tracing_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    from toolkit.artifacts.export import write_torchscript
+    from toolkit.training.models import TutorialNet
+
+    def script_fails(module):
+        raise RuntimeError("simulated scripting failure")
+
+    monkeypatch.setattr(torch.jit, "script", script_fails)
+    with pytest.warns(FutureWarning, match=r"torch\.jit\.trace"):  # export_run turns these into one line
+        info = write_torchscript(TutorialNet().eval(), tmp_path / "model.ts",
+                                 ArtifactMetadata(CLASSES, list(MEAN), list(STD)))
+    assert info["method"] == "trace" and "simulated scripting failure" in info["note"]
+    backend = load_backend(tmp_path / "model.ts")
+    assert backend.classes == CLASSES and backend.predict_logits(_batches()[7]).shape == (7, 10)
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("../model.ts", "not a plain file name"),
+    ("/etc/model.ts", "not a plain file name"),
+    ("sub/model.ts", "not a plain file name"),
+    ("..\\model.ts", "not a plain file name"),
+    ("..", "not a plain file name"),
+    ("", "not a plain file name"),
+    ("model.onnx", "format 'torchscript' needs a .ts file"),
+    ("symlink", "a symbolic link to"),
+    ("bad-hash", "is not 64 hex digits"),
+], ids=["dotdot", "absolute", "subfolder", "backslash", "parent", "empty", "suffix", "symlink", "hash"])
+def test_manifest_entries_must_be_files_in_the_export_folder(exported: Export, tmp_path: Path, capsys,
+                                                               name: str, fragment: str) -> None:
+    """A manifest names the files verify and predict load: each must be a plain file directly in the folder."""
+    folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["files"].pop("model.ts")
+    if name == "symlink":
+        shutil.copy(folder / "model.ts", tmp_path / "elsewhere.ts")
+        (folder / "model.ts").unlink()
+        (folder / "model.ts").symlink_to(tmp_path / "elsewhere.ts")
+        name = "model.ts"
+    elif name == "bad-hash":
+        name, entry = "model.ts", {**entry, "sha256": "../../etc/passwd"}
+    manifest["files"][name] = entry
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for args in (["verify", folder], ["predict", folder / "model.onnx", folder / "x.png"]):
+        assert_clean_error(cli(capsys, *args), str(folder / "manifest.json"), f"files entry {name!r}", fragment)
+    # The same folder with the entry put right is accepted again.
+    manifest["files"].pop(name)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert "model.ts" not in Manifest.read(folder).files
+
+
+def test_overwrite_never_replaces_a_file_or_a_non_export_folder(exported: Export, tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    for args in ([], ["--overwrite"]):
+        proc = cli(capsys, "export", "--run", exported.run, "--out", tmp_path / "notes.txt", "--formats", "pt2", *args)
+        assert_clean_error(proc, str(tmp_path / "notes.txt"), "already exists" if not args else "not an export folder")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

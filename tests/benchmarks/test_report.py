@@ -1,0 +1,177 @@
+"""`python -m benchmarks.report` on a small hand-written pytest-benchmark JSON: table numbers, --json rows,
+the PNG chart, the default (newest) file and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, assert_clean_error, assert_ok
+from benchmarks.report import (BenchReportError, bench_report, load_other_rows, load_rows, newest_results,
+                                  render_markdown)
+
+
+def report_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.report ARGS` from the repository root, as `make bench` runs it."""
+    return subprocess.run([sys.executable, "-m", "benchmarks.report", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _bench(name: str, median_s: float, **extra) -> dict:
+    """One benchmark entry as pytest-benchmark writes it (only the fields the report reads, plus a few)."""
+    return {"group": None, "name": name, "fullname": f"benchmarks/x.py::{name}", "params": {}, "param": None,
+            "extra_info": extra, "options": {"timer": "perf_counter"},
+            "stats": {"min": median_s * 0.9, "max": median_s * 1.2, "mean": median_s, "stddev": 0.0,
+                      "rounds": 5, "median": median_s, "iqr": 0.0, "q1": median_s, "q3": median_s,
+                      "iqr_outliers": 0, "stddev_outliers": 0, "outliers": "0;0", "ld15iqr": median_s,
+                      "hd15iqr": median_s, "ops": 1 / median_s, "total": 5 * median_s, "iterations": 1}}
+
+
+def _inference(backend: str, batch: int, threads, median_s: float) -> dict:
+    return _bench(f"test_inference[{backend}-t{threads}-b{batch}]", median_s, kind="inference", backend=backend,
+                  batch=batch, threads=threads)
+
+
+RESULTS = {
+    "machine_info": {"machine": "x86_64", "python_version": "3.11.7",
+                     "cpu": {"brand_raw": "Test CPU @ 2.50GHz", "count": 2},
+                     "toolkit_bench": {"versions": {"torch": "2.x", "onnxruntime": "1.x"}, "threads_all": 2}},
+    "commit_info": {"id": "0123456789abcdef"},
+    "datetime": "2026-01-02T03:04:05.000000+00:00",
+    "version": "5.3.0",
+    "benchmarks": [
+        _inference("onnx", 1, 1, 0.00005),  # out of order on purpose: the report sorts
+        _inference("eager", 1, 1, 0.0004),
+        _inference("eager", 1, 2, 0.0005),
+        _inference("onnx", 1, "default", 0.00008),
+        _inference("eager", 1024, 1, 0.100),
+        _inference("onnx", 1024, 1, 0.040),
+        _bench("test_epoch[fast-fp32]", 2.0, kind="epoch", label="epoch fast fp32 batch 64", path="fast",
+               precision="fp32", images=10000, images_per_s=5000.0, share_of_matmul_peak=0.25, threads=2),
+        _bench("test_epoch[pil-fp32]", 8.0, kind="epoch", label="epoch pil fp32 batch 64", path="pil",
+               precision="fp32", images=10000, images_per_s=1250.0, share_of_matmul_peak=0.0625, threads=2),
+        _bench("test_time_to_accuracy[fast]", 90.0, kind="time_to_accuracy", label="toolkit train --recipe fast",
+               recipe="fast", epochs=3, batch=64, train_seconds=30.0, final_val_accuracy=0.66,
+               curve=[[1, 10.0, 0.45], [2, 20.0, 0.58], [3, 30.0, 0.66]], time_to_accuracy={"0.50": 20.0}),
+        _bench("test_time_to_accuracy[seed]", 60.0, kind="time_to_accuracy", label="toolkit train --recipe seed",
+               recipe="seed", epochs=2, batch=4, train_seconds=50.0, final_val_accuracy=0.55,
+               curve=[[1, 25.0, 0.47], [2, 50.0, 0.55]], time_to_accuracy={"0.50": 50.0}),
+        _bench("test_export[onnx]", 1.5, kind="export", label="export onnx", file="model.onnx", bytes=256000),
+        # A benchmark without the suite's extra_info is ignored.
+        _bench("test_something_else", 0.01),
+    ],
+}
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    path = tmp_path / "20260102-030405.json"
+    path.write_text(json.dumps(RESULTS))
+    return path
+
+
+def test_rows_and_speedups(results: Path) -> None:
+    rows = load_rows([results])
+    assert [(r["backend"], r["batch"], r["threads"]) for r in rows] == [
+        ("eager", 1, 1), ("eager", 1, 2), ("onnx", 1, 1), ("onnx", 1, "default"),
+        ("eager", 1024, 1), ("onnx", 1024, 1)]
+    by = {(r["backend"], r["batch"], r["threads"]): r for r in rows}
+    assert all(set(r) == {"backend", "batch", "threads", "median_ms", "images_per_s", "speedup_vs_eager"} for r in rows)
+    assert by[("eager", 1, 1)]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert by[("onnx", 1, 1)]["median_ms"] == pytest.approx(0.05)
+    assert by[("onnx", 1, 1)]["images_per_s"] == pytest.approx(20000)
+    assert by[("onnx", 1, 1)]["speedup_vs_eager"] == pytest.approx(8.0)  # 0.4 ms / 0.05 ms, same threads
+    # ORT's default threads are compared with eager at the most threads (2): 0.5 / 0.08.
+    assert by[("onnx", 1, "default")]["speedup_vs_eager"] == pytest.approx(6.25)
+    assert by[("onnx", 1024, 1)]["images_per_s"] == pytest.approx(25600)
+    assert by[("onnx", 1024, 1)]["speedup_vs_eager"] == pytest.approx(2.5)
+
+
+def test_markdown_tables_and_targets(results: Path) -> None:
+    text = render_markdown(load_rows([results]), load_other_rows([results]), "Test CPU")
+    lines = text.splitlines()
+    assert lines[0] == "Machine: Test CPU"
+    assert "| backend | threads | batch | median ms / batch | images/s | speed-up vs eager |" in lines
+    assert "| onnx | 1 | 1 | 0.05 | 20,000 | 8.00× |" in lines
+    assert "| onnx | default | 1 | 0.08 | 12,500 | 6.25× |" in lines
+    assert "| eager | 1 | 1024 | 100 | 10,240 | 1.00× |" in lines
+    assert "| onnx | 1 | 1024 | 40 | 25,600 | 2.50× |" in lines
+    # Second table: training, time-to-accuracy and export rows, in the suite's order.
+    assert any(l.startswith("| epoch fast fp32 batch 64 | 2 | 2 | 5,000 | 25.0 % |") for l in lines)
+    assert any(l.startswith("| epoch pil fp32 batch 64 | 2 | 8 | 1,250 | 6.2 % |") for l in lines)
+    assert any(l.startswith("| export onnx | – | 1.5 | – | – | model.onnx, 250 KiB") for l in lines)
+    assert "final val acc 66.0 % after 30 s training (3 epochs, batch 64); 50 % at 20 s" in text
+    assert "test_something_else" not in text
+    # Targets: every comparable row must meet a target for it to count as met.
+    assert "- ONNX Runtime batch-1 latency vs eager ≥ 5×: 8.00× (threads 1), 6.25× (threads default) — **met**" in text
+    assert "- ONNX Runtime batch-1024 throughput vs eager ≥ 2×: 2.50× (threads 1) — **met**" in text
+    assert "images/s, same batch) ≥ 5×: 4.00× (fp32) — **not met**" in text
+    assert "seed recipe's final val accuracy (55.0 %): recipe fast 20 s, recipe seed 50 s of training" in text
+
+
+def test_cli_json_rows_and_png(results: Path, tmp_path: Path) -> None:
+    png = tmp_path / "chart.png"
+    proc = report_cli(str(results), "--json", "--png", str(png))
+    assert_ok(proc)
+    rows = json.loads(proc.stdout)
+    assert rows[2] == {"backend": "onnx", "batch": 1, "threads": 1, "median_ms": pytest.approx(0.05),
+                       "images_per_s": pytest.approx(20000), "speedup_vs_eager": pytest.approx(8.0)}
+    assert [r["speedup_vs_eager"] for r in rows] == pytest.approx([1.0, 1.0, 8.0, 6.25, 1.0, 2.5])
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im.verify()
+        assert im.size[0] > 300 and im.size[1] > 100
+
+
+def test_markdown_default_writes_the_chart_beside_the_file(results: Path) -> None:
+    printed: list[str] = []
+    bench_report([results], out=printed.append, log=lambda line: None)
+    assert "| onnx | 1 | 1 | 0.05 | 20,000 | 8.00× |" in printed[0]
+    assert printed[0].startswith("Machine: Test CPU @ 2.50GHz; 2 logical CPUs; torch 2.x, onnxruntime 1.x")
+    assert results.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_default_is_the_newest_results_file(tmp_path: Path, results: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    old, new = folder / "old.json", folder / "new.json"
+    old.write_text(json.dumps({**RESULTS, "benchmarks": RESULTS["benchmarks"][:2]}))
+    new.write_text(results.read_text())
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    assert newest_results(folder) == new
+    rows = bench_report([], as_json=True, results_dir=folder, out=lambda s: None, log=lambda s: None)
+    assert len(rows) == 6
+    with pytest.raises(BenchReportError, match="no benchmark results in"):
+        newest_results(tmp_path / "empty")
+
+
+def test_several_files_name_their_rows(results: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**RESULTS, "benchmarks": RESULTS["benchmarks"][:2]}))
+    rows = load_rows([results, other])
+    assert len(rows) == 8 and {r["file"] for r in rows} == {str(results), str(other)}
+    assert rows[-1]["speedup_vs_eager"] == pytest.approx(8.0)  # within its own file
+
+
+def test_missing_and_unreadable_files_are_clean_errors(tmp_path: Path) -> None:
+    assert_clean_error(report_cli("missing.json"), "missing.json", "no such file")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert_clean_error(report_cli(str(bad)), "bad.json", "not a readable JSON file")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"something": 1}))
+    with pytest.raises(BenchReportError, match="not a pytest-benchmark results file"):
+        load_rows([other])
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({**RESULTS, "benchmarks": [_bench("test_x", 0.1)]}))
+    with pytest.raises(BenchReportError, match="no benchmark of this suite"):
+        bench_report([empty], out=lambda s: None)

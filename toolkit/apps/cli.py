@@ -1,0 +1,198 @@
+"""Command line: parse, build a config, call the library. Nothing else lives here.
+
+`toolkit train` flags are generated from the config dataclasses (`toolkit.training.config.leaf_fields`),
+one flag per field. Every `ToolkitError` becomes one line on stderr and a non-zero exit code.
+
+Each command imports its module when it runs: `toolkit predict model.onnx` must start without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from toolkit.artifacts import formats
+from toolkit.artifacts.backends import DEFAULT_MAX_BATCH
+from toolkit.core.errors import ToolkitError
+from toolkit.training.config import DATA_SOURCES, HELD_OUT_SPLITS, RECIPES, build_train_config, flag_name, leaf_fields
+
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str}
+_DATA_OVERRIDES = ("data", "data_dir", "cache_dir")  # flags of evaluate/verify that replace the run's data config
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; defaults are SUPPRESSed so recipes can fill what was not given."""
+    for _, f in leaf_fields():
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        base = str(f.type).replace(" | None", "")
+        if base == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _TYPES[base]
+        choices = sorted(RECIPES) if f.name == "recipe" else f.metadata.get("choices")
+        if choices:
+            kwargs["choices"] = choices
+        elif base != "bool":
+            kwargs["metavar"] = base.upper() if base != "str" else f.name.upper()
+        default = f.default if f.default is not dataclasses.MISSING else None
+        by_recipe = ", ".join(f"{r}: {v[f.name]!r}" for r, v in RECIPES.items() if f.name in v)
+        shown = f"default {default!r}" + (f"; recipe {by_recipe}" if by_recipe else "")
+        parser.add_argument(flag_name(f.name), help=f"{f.metadata.get('help', '')} [{shown}]", **kwargs)
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", choices=DATA_SOURCES, default=argparse.SUPPRESS, help="dataset source (default: the run's)")
+    parser.add_argument("--data-dir", dest="data_dir", default=argparse.SUPPRESS, help="dataset folder (default: the run's)")
+    parser.add_argument("--cache-dir", dest="cache_dir", default=argparse.SUPPRESS, help="decoded-split cache folder")
+
+
+def _formats_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--formats", default=",".join(formats.EXPORTABLE),
+                        help=f"comma-separated subset of {','.join(formats.EXPORTABLE)}")
+
+
+def _tolerance_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument("--atol", type=float, default=formats.LOGIT_ATOL,
+                        help=f"{prefix}absolute logit tolerance (default {formats.LOGIT_ATOL:g})")
+    parser.add_argument("--rtol", type=float, default=formats.LOGIT_RTOL,
+                        help=f"{prefix}relative logit tolerance (default {formats.LOGIT_RTOL:g})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (run under `accelerate launch` for several processes)")
+    add_config_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("run", help="train, evaluate, export all formats, verify them, draw pictures, write report.md")
+    add_config_flags(p)
+    p.add_argument("--export-dir", dest="export_dir", type=Path, default=None,
+                   help="export folder (default: exports/<run folder name>)")
+    _formats_flag(p)
+    _tolerance_flags(p, "verification: ")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="rebuild a run's report.md and pictures from its files")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder (runs/<name>)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("evaluate", help="overall and per-class accuracy of a run's final weights")
+    p.add_argument("--run", type=Path, required=True, help="run folder (runs/<name>)")
+    _data_flags(p)
+    p.add_argument("--split", choices=HELD_OUT_SPLITS, default=HELD_OUT_SPLITS[0])
+    p.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write TorchScript, ONNX and torch.export files (+ manifest) from a run")
+    p.add_argument("--run", type=Path, required=True, help="run folder (runs/<name>)")
+    p.add_argument("--out", type=Path, default=None, help="export folder (default: exports/<run folder name>)")
+    _formats_flag(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="export this checkpoint (a folder, or step_N under the run's checkpoints/) instead of the final weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("verify", help="check every exported file against the eager model over a whole split")
+    p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="export folder (exports/<name>)")
+    _data_flags(p)
+    p.add_argument("--split", choices=HELD_OUT_SPLITS, default=HELD_OUT_SPLITS[0])
+    p.add_argument("--json-out", type=Path, default=None, help="also write the report as JSON here")
+    _tolerance_flags(p)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per runtime")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("predict", help="label image files with an exported model (.onnx, .ts, .pt2)")
+    p.add_argument("artifact", type=Path, metavar="PATH", help="model.onnx, model.ts, model.pt2 or eager weights")
+    p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG/JPEG files, any size")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--top-k", dest="top_k", type=int, default=1, help="classes shown per image (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runtime")
+    p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
+                   help="use the file even if its sha256 differs from the manifest.json beside it")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"refuse more than this many images per call (default {DEFAULT_MAX_BATCH})")
+    p.set_defaults(func=_cmd_predict)
+    return parser
+
+
+def _config_values(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    """The config fields given on the command line (flags that are not fields excluded)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "func", *extra)}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from toolkit.training.train import train  # per command: imports torch
+
+    train(build_train_config(_config_values(args)))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from toolkit.apps.pipeline import run_pipeline  # per command: imports torch
+
+    values = _config_values(args, "export_dir", "formats", "atol", "rtol")
+    run_pipeline(build_train_config(values), args.export_dir, formats.parse_formats(args.formats), args.atol, args.rtol)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from toolkit.apps.report import build_report  # per command: imports matplotlib
+
+    print(f"report: {build_report(args.run)}")
+    return 0
+
+
+def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _DATA_OVERRIDES if hasattr(args, k)}
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from toolkit.training.evaluate import evaluate_run  # per command: imports torch
+
+    evaluate_run(args.run, _data_overrides(args), args.split, args.json_out)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from toolkit.artifacts.export import export_run  # per command: imports torch
+
+    export_run(args.run, args.out, formats.parse_formats(args.formats), args.checkpoint, args.overwrite)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from toolkit.apps.verify import verify_and_report  # per command: imports torch
+
+    verify_and_report(args.export_dir, _data_overrides(args), args.split, args.atol, args.rtol, args.json_out,
+                      args.threads)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from toolkit.apps.predict import predict_and_report  # per command: torch only for torch formats
+
+    predict_and_report(args.artifact, args.images, args.top_k, args.threads, args.check_hash, args.json,
+                       max_batch=args.max_batch)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ToolkitError as exc:
+        print(f"toolkit {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"toolkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, unwritable folder: the file and the reason, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"toolkit {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,250 @@
+"""Prove that every exported artifact behaves like the eager model, over a whole split.
+
+All formats, eager included, run through `toolkit.artifacts.backends`, each preprocessing the split's uint8
+images with the normalization embedded in its own file (so wrong metadata shows up as wrong logits,
+as it would for a client). Per format: max |Δlogit| against eager, argmax agreement, accuracy and
+per-class accuracy. A format fails when
+
+- any logit is outside `atol + rtol·|eager logit|`,
+- its prediction differs from eager's on an image where eager's top-2 margin exceeds that tolerance
+  (a flip there is not rounding noise),
+- its class names differ from the manifest's, or
+- its sha256 differs from manifest.json (it changed after export). The hash is checked before the
+  file is loaded: a changed .ts or .pt2 file is a program of unknown origin and is not loaded at all
+  (its row reads nan); a changed .onnx or .safetensors file (data) is still run and its numbers reported.
+
+Verification only reads the export folder; nothing is written there unless `--json-out` points there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit.artifacts import formats
+from toolkit.artifacts.backends import Backend, load_backend
+from toolkit.artifacts.manifest import MANIFEST, Manifest, hash_mismatch
+from toolkit.core.errors import ConfigError, DataError, VerificationError
+from toolkit.training.config import DataConfig
+from toolkit.training.data import Split, load_held_out
+from toolkit.training.evaluate import EvalResult
+
+DEFAULT_ATOL = formats.LOGIT_ATOL
+DEFAULT_RTOL = formats.LOGIT_RTOL
+_BATCH = 500  # images per predict_logits call
+
+
+@dataclass
+class FormatResult:
+    """One artifact compared with the eager model on every image of the split."""
+
+    name: str
+    file: str
+    max_abs_diff: float
+    agreement: float  # fraction of images whose argmax equals eager's
+    accuracy: float
+    per_class: dict[str, float]
+    worst_sample: int  # index in the split of the image furthest outside (or nearest to) the tolerance
+    hash_ok: bool | None  # None: the manifest lists no hash for this file
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def loaded(self) -> bool:
+        """False for a program that was refused before loading (its numbers are nan)."""
+        return self.max_abs_diff == self.max_abs_diff
+
+    def to_json(self) -> dict[str, Any]:
+        def number(x: float) -> float | None:  # nan (a file that was not run) is null in JSON
+            return None if x != x else x
+
+        return {"file": self.file, "passed": self.passed, "max_abs_logit_diff": number(self.max_abs_diff),
+                "agreement": number(self.agreement), "accuracy": number(self.accuracy),
+                "per_class": {c: number(a) for c, a in self.per_class.items()},
+                "worst_sample": self.worst_sample, "sha256_matches_manifest": self.hash_ok,
+                "failures": self.failures}
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> FormatResult:
+        def number(x: float | None) -> float:
+            return float("nan") if x is None else x
+
+        return cls(name, d["file"], number(d["max_abs_logit_diff"]), number(d["agreement"]), number(d["accuracy"]),
+                   {c: number(a) for c, a in (d["per_class"] or {}).items()}, d["worst_sample"],
+                   d["sha256_matches_manifest"], list(d["failures"]))
+
+
+@dataclass
+class VerifyReport:
+    export_dir: Path
+    split: str
+    n: int
+    classes: list[str]
+    atol: float
+    rtol: float
+    results: list[FormatResult]
+    note: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"export_dir": str(self.export_dir), "split": self.split, "n": self.n, "classes": self.classes,
+                "atol": self.atol, "rtol": self.rtol, "passed": self.passed, "note": self.note,
+                "formats": {r.name: r.to_json() for r in self.results}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VerifyReport:
+        return cls(Path(d["export_dir"]), d["split"], d["n"], list(d["classes"]), d["atol"], d["rtol"],
+                   [FormatResult.from_json(name, r) for name, r in d["formats"].items()], d.get("note"))
+
+    def write(self, path: Path) -> None:
+        """verify.json (or `--json-out`): `to_json()`, indented."""
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> VerifyReport:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def format(self) -> str:
+        """The terminal table: one row per format, overall and per-class accuracy side by side."""
+        short = [c[:6] for c in self.classes]
+        header = (f"{'format':<12s} {'max|Δlogit|':>11s} {'agree %':>8s} {'acc %':>6s} "
+                  + " ".join(f"{s:>6s}" for s in short) + "  result")
+        lines = [f"verify {self.export_dir}: {self.split} split, {self.n} images, "
+                 f"tolerance |Δ| <= {self.atol:g} + {self.rtol:g}·|eager|"]
+        if self.note:
+            lines.append(f"note: {self.note}")
+        lines.append(header)
+        for r in self.results:
+            lines.append(f"{r.name:<12s} {r.max_abs_diff:>11.2e} {100 * r.agreement:>8.2f} {100 * r.accuracy:>6.1f} "
+                         + " ".join(f"{100 * a:>6.1f}" for a in r.per_class.values())
+                         + ("  ok" if r.passed else "  FAIL"))
+        for r in self.results:
+            lines += [f"FAIL {r.name} ({r.file}): {reason}" for reason in r.failures]
+        lines.append("verify: " + ("all formats match the eager model" if self.passed else "FAILED"))
+        return "\n".join(lines)
+
+
+def compare(name: str, file: str, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray,
+            classes: list[str], atol: float, rtol: float, hash_ok: bool | None = None) -> FormatResult:
+    """Score `logits` against the eager `reference` logits and the true `labels` (numpy, same order)."""
+    k = len(classes)
+    diff = np.abs(logits.astype(np.float64) - reference)
+    excess = diff - (atol + rtol * np.abs(reference))  # > 0: outside tolerance
+    per_sample = excess.max(axis=1)
+    worst = int(per_sample.argmax())
+    pred, ref_pred = logits.argmax(axis=1), reference.argmax(axis=1)
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    confident_flip = (pred != ref_pred) & (margin > atol + rtol * np.abs(top2[:, 1]))
+
+    failures = []
+    if hash_ok is False:
+        failures.append("sha256 differs from manifest.json: the file changed after export")
+    outside = int((per_sample > 0).sum())
+    if outside:
+        failures.append(f"max |Δlogit| {diff.max():.3g} exceeds the tolerance on {outside} of {len(labels)} images; "
+                        f"worst sample {worst} (|Δlogit| {diff[worst].max():.3g}, true {classes[labels[worst]]}): eager predicts "
+                        f"{classes[ref_pred[worst]]}, {name} {classes[pred[worst]]}")
+    if confident_flip.any():
+        flips = np.flatnonzero(confident_flip)
+        i = int(flips[margin[flips].argmax()])
+        failures.append(f"{len(flips)} prediction(s) differ from eager where eager's top-2 margin exceeds the "
+                        f"tolerance; worst sample {i} (margin {margin[i]:.3g}): eager predicts "
+                        f"{classes[ref_pred[i]]}, {name} {classes[pred[i]]}")
+
+    confusion = torch.bincount(torch.from_numpy(labels * k + pred), minlength=k * k).view(k, k)
+    scores = EvalResult(confusion, classes)
+    return FormatResult(name, file, float(diff.max()), float((pred == ref_pred).mean()), scores.accuracy,
+                        scores.per_class, worst, hash_ok, failures)
+
+
+def run_backend(backend: Backend, images: torch.Tensor, batch_size: int = _BATCH) -> np.ndarray:
+    """Logits for uint8 N×3×32×32 `images`, preprocessed with the backend's own metadata."""
+    batch_size = min(batch_size, backend.max_batch or batch_size)
+    return np.concatenate([backend.predict_logits(backend.metadata.normalize(images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
+
+
+def load_verification_split(manifest: Manifest, data_overrides: dict[str, Any],
+                            split: str) -> tuple[Split, str | None]:
+    """The split of the data the exported run was trained on (as recorded in the manifest), with overrides."""
+    recorded = manifest.source.data or {}
+    if not recorded.get("data") and "data" not in data_overrides:
+        raise DataError(f"{MANIFEST} records no data config for the source run; pass --data (and --data-dir)")
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    cfg = DataConfig(**{k: v for k, v in {**recorded, **data_overrides}.items() if k in known})
+    return load_held_out(cfg, manifest.class_names, split)
+
+
+def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
+                  atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, threads: int | None = None) -> VerifyReport:
+    """Run the eager model and every artifact listed in the export's manifest over a split; compare."""
+    if atol < 0 or rtol < 0:
+        raise ConfigError(f"--atol/--rtol: must be >= 0, got {atol:g} and {rtol:g}")
+    export_dir = Path(export_dir)
+    manifest = Manifest.read(export_dir)
+    held, note = load_verification_split(manifest, data_overrides or {}, split)
+    classes = manifest.class_names
+    labels = held.labels.numpy()
+
+    # Eager first: it is the reference every other row is compared with. Unknown formats are not loaded.
+    listed = sorted((n for n, e in manifest.files.items() if e.format in formats.EXPORTABLE),
+                    key=lambda n: formats.order(manifest.files[n].format))
+    reference: np.ndarray | None = None
+    results = []
+    for name in [formats.EAGER.file, *listed]:
+        entry = manifest.files.get(name)
+        has_hash = entry is not None and entry.sha256 is not None
+        # The hash first: a .ts or .pt2 file is a program, and one that changed after export is not run.
+        problem = hash_mismatch(export_dir / name) if has_hash else None
+        hash_ok = problem is None if has_hash else None
+        if problem and formats.get(entry.format).program:
+            results.append(_not_loaded(entry.format, name, classes, problem))
+            continue
+        backend = load_backend(export_dir / name, threads=threads)
+        logits = run_backend(backend, held.images)
+        reference = logits.astype(np.float64) if reference is None else reference
+        result = compare(backend.name, name, logits, reference, labels, classes, atol, rtol, hash_ok)
+        if backend.classes != classes:
+            result.failures.append(f"class names in the file {backend.classes} differ from manifest.json's {classes}")
+        results.append(result)
+    return VerifyReport(export_dir, held.name, len(held), classes, atol, rtol, results, note)
+
+
+def _not_loaded(row: str, file: str, classes: list[str], problem: str) -> FormatResult:
+    nan = float("nan")
+    return FormatResult(row, file, nan, nan, nan, {c: nan for c in classes}, -1, False,
+                        [f"sha256 differs from manifest.json: not loaded, since a changed {row} file is a program "
+                         f"of unknown origin ({problem})"])
+
+
+def verify_and_report(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
+                      atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, json_out: Path | None = None,
+                      threads: int | None = None, log: Callable[[str], None] = print) -> VerifyReport:
+    """`toolkit verify`: print the table, write the JSON, then raise `VerificationError` if a format failed."""
+    export_dir = Path(export_dir)
+    if json_out is not None and json_out.resolve().parent == export_dir.resolve() \
+            and json_out.name in {MANIFEST, *(f.file for f in formats.FORMATS)}:
+        raise ConfigError(f"--json-out {json_out}: would overwrite an artifact of the export being verified")
+    report = verify_export(export_dir, data_overrides, split, atol, rtol, threads)
+    log(report.format())
+    if json_out is not None:
+        report.write(json_out)
+    if not report.passed:
+        failed = [r for r in report.results if not r.passed]
+        raise VerificationError(f"{', '.join(r.name for r in failed)} differ(s) from the eager model "
+                                f"(table above); {failed[0].name}: {'; '.join(failed[0].failures)}")
+    return report

@@ -1,0 +1,227 @@
+"""Checks on TorchScript (.ts) and torch.export (.pt2) archives, made before torch's loaders see them.
+
+Both formats are programs. `torch.jit.load` runs a scripted class's `__setstate__` while loading;
+`torch.export.load` unpickles parts of the archive without restrictions, evaluates symbolic-shape
+strings with `sympy.sympify` (Python `eval`), and `.module()` executes the archive's guard code
+(docs/security.md has what was found). A toolkit export needs none of that, so these checks accept
+only the entries and contents such an export has. They narrow the attack surface; they are not a
+sandbox, and they read torch's private archive layouts, which change between releases: they are
+trusted only on the torch versions the project declares and tests (`check_torch_version`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import re
+import zipfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from toolkit.core.errors import ArtifactError, first_line
+
+DISTRIBUTION = "cifar-toolkit"
+
+
+@functools.cache
+def supported_torch() -> str:
+    """The torch versions these checks were written and tested for: the project's declared torch
+    requirement (pyproject.toml, read back from the installed package's metadata), e.g. `>=2.11,<2.15`."""
+    try:
+        requirements = [Requirement(r) for r in metadata.requires(DISTRIBUTION) or []]
+    except metadata.PackageNotFoundError:
+        return ""
+    return next((str(r.specifier) for r in requirements if r.name == "torch" and r.marker is None), "")
+
+
+def check_torch_version(path: Path, what: str) -> None:
+    """Refuse to judge an archive with a torch these checks were not written for: a layout they do not
+    know could hide what they look for, and a wrong verdict is worse than none."""
+    spec = supported_torch()
+    if not spec:
+        raise _refuse(path, what, f"the installed {DISTRIBUTION} package declares no torch version range "
+                                  "(reinstall it with pip)")
+    version = Version(torch.__version__)
+    if not Requirement(f"torch{spec}").specifier.contains(Version(version.base_version), prereleases=True):
+        raise _refuse(path, what, f"its archive checks are written for torch{spec} and this is torch "
+                                  f"{torch.__version__}; load the .onnx or .safetensors file instead (data, not code)")
+
+
+@contextlib.contextmanager
+def _archive_errors(path: Path, what: str) -> Iterator[None]:
+    """Whatever a damaged or crafted archive makes zipfile, json or torch raise becomes one ArtifactError."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, RecursionError, ...
+        raise ArtifactError(f"{path}: not a loadable {what} file ({first_line(exc)})") from None
+
+
+def _zip_entries(path: Path, what: str) -> tuple[zipfile.ZipFile, str, list[str]]:
+    """Open a .ts/.pt2 archive: (zip, its root folder, entry names below the root)."""
+    # A quick check gives "not a ... file" rather than a miniz error.
+    if not zipfile.is_zipfile(path):
+        raise ArtifactError(f"{path}: not a {what} file (not a zip archive; truncated or a different format?)")
+    with _archive_errors(path, what):
+        archive = zipfile.ZipFile(path)
+        names = archive.namelist()
+    roots = {name.split("/", 1)[0] for name in names}
+    if len(roots) != 1 or any("/" not in name for name in names):
+        archive.close()
+        raise ArtifactError(f"{path}: not a {what} file (its entries are not all in one folder: {sorted(roots)[:5]})")
+    root = roots.pop()
+    return archive, root, [name[len(root) + 1:] for name in names]
+
+
+def _refuse(path: Path, what: str, reason: str) -> ArtifactError:
+    return ArtifactError(f"{path}: refusing to load this {what} file: {reason}")
+
+
+def check_torchscript_archive(path: Path) -> None:
+    """A TorchScript archive as `torch.jit.save` writes it, and no TorchScript code that runs at load time.
+
+    `torch.jit.load` reads data.pkl/constants.pkl with torch's own restricted unpickler (an unknown
+    class is an error, not an import), so a renamed pickle cannot run Python; but a scripted class's
+    `__setstate__` runs while loading. A toolkit export never has one.
+    """
+    what = "TorchScript"
+    check_torch_version(path, what)
+    archive, root, entries = _zip_entries(path, what)
+    with archive, _archive_errors(path, what):
+        required = ["data.pkl", "constants.pkl", "version"]
+        missing = [e for e in required if e not in entries]
+        if missing or not any(e.startswith("code/") for e in entries):
+            hint = " (it looks like a torch.export .pt2 archive)" if "archive_format" in entries else \
+                   " (a torch.save checkpoint or another zip?)"
+            raise ArtifactError(f"{path}: not a TorchScript file: no {', '.join(missing) or 'code/'} inside{hint}")
+        for entry in entries:
+            if entry.startswith("code/") and entry.endswith(".py"):
+                if re.search(rb"\bdef __setstate__\b", archive.read(f"{root}/{entry}")):
+                    raise _refuse(path, what, f"{entry} defines __setstate__, code that would run while loading")
+
+
+# What `torch.export.save` writes for one plain ExportedProgram, relative to the archive's root folder.
+_PT2_ENTRY = re.compile(r"""(?x)
+    archive_format | archive_version | byteorder | \.data/\w+
+  | models/\w+\.json
+  | data/weights/(\w+_weights_config\.json | weight_\d+)
+  | data/constants/(\w+_constants_config\.json | tensor_\w+)
+  | data/sample_inputs/\w+\.pt
+  | extra/[^/]+""")
+_PT2_PAYLOAD_PREFIX = {"data/weights/": "weight_", "data/constants/": "tensor_"}
+# Python callables a graph node may target: ATen/prims operators and symbolic integer arithmetic.
+_PT2_TARGET = re.compile(r"torch\.ops\.(aten|prims)\.\w+\.\w+|torch\.sym_\w+|math\.(ceil|floor|trunc|sqrt)"
+                         r"|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|pow"
+                         r"|eq|ne|lt|le|gt|ge|and_|or_|not_)")
+# `sympy.sympify` evaluates expression strings as Python: only sympy's printed form of integer
+# expressions over size symbols may reach it.
+_SYMPY_TOKEN = re.compile(r"\s+|'[A-Za-z_]\w*'|\d+(\.\d+)?([eE][+-]?\d+)?|[A-Za-z_]\w*|\*\*|[-+*/(),=]")
+_SYMPY_NAMES = frozenset("""
+    Symbol Integer Rational Float Add Mul Pow Max Min Mod Abs floor ceiling sqrt Eq Ne Lt Le Gt Ge
+    StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Piecewise
+    true false True False None oo Infinity NegativeInfinity NegativeOne One Zero Half
+    BooleanTrue BooleanFalse integer positive negative nonnegative nonpositive real finite zero nonzero
+    even odd rational commutative
+    FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt FloorToInt CeilDiv LShift RShift
+    PowByNatural FloatPow FloatTrueDiv IntTrueDiv IsNonOverlappingAndDenseIndicator TruncToFloat
+    TruncToInt RoundToInt RoundDecimal ToFloat Identity
+""".split())
+
+
+def _safe_sympy(text: str) -> bool:
+    if len(text) > 10_000:
+        return False
+    pos = 0
+    while pos < len(text):
+        match = _SYMPY_TOKEN.match(text, pos)
+        if match is None:
+            return False
+        token = match.group()
+        if (token[0].isalpha() or token[0] == "_") and token not in _SYMPY_NAMES \
+                and not re.fullmatch(r"[a-z]+\d+", token):  # a size symbol by name (s0, u1, ...)
+            return False
+        pos = match.end()
+    return True
+
+
+def _walk_json(value, key: str = ""):
+    """Every (key, value) pair in a JSON document, depth first."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k, v
+            yield from _walk_json(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk_json(v, key)
+
+
+def check_pt2_archive(path: Path) -> None:
+    """Refuse a .pt2 archive that would make `torch.export.load` or `.module()` run code of the file's choosing.
+
+    torch.export.load (torch 2.x) unpickles `use_pickle` weights and constants with
+    `torch.load(weights_only=False)`, custom and opaque objects with `pickle.loads`, and its sample
+    inputs with a `weights_only=False` fallback; loads AOTInductor shared libraries; evaluates
+    symbolic-shape strings with `sympy.sympify`; and `ExportedProgram.module()` executes the guard
+    code stored in the program. A toolkit export needs none of that, so only the entries a plain
+    program has are accepted, tensors stored as raw bytes, sample inputs that load with
+    `weights_only=True`, sympy-printed integer expressions, ATen operators and no guard code.
+    """
+    what = "torch.export (.pt2)"
+    check_torch_version(path, what)
+    archive, root, entries = _zip_entries(path, what)
+    with archive, _archive_errors(path, what):
+        def read(entry: str) -> bytes:
+            return archive.read(f"{root}/{entry}")
+
+        if "archive_format" not in entries or read("archive_format").strip() != b"pt2":
+            hint = " (it looks like a TorchScript file)" if "code/" in {e[:5] for e in entries} else \
+                   " (a torch.save checkpoint, an older torch.export format or another zip?)"
+            raise ArtifactError(f"{path}: not a torch.export (.pt2) file: no archive_format 'pt2' inside{hint}")
+        for entry in entries:
+            if entry.startswith("data/aotinductor/"):
+                raise _refuse(path, what, f"{entry}: AOTInductor compiled native code")
+            if not _PT2_ENTRY.fullmatch(entry):
+                raise _refuse(path, what, f"unexpected entry {entry!r} (a toolkit export holds one plain program: "
+                                          "no pickled objects, no compiled code)")
+        models = [e for e in entries if e.startswith("models/")]
+        if not models:
+            raise ArtifactError(f"{path}: not a torch.export (.pt2) file: no models/*.json inside")
+        for entry in entries:
+            if entry.endswith("_config.json"):
+                folder = entry.rsplit("/", 1)[0] + "/"
+                config = json.loads(read(entry)).get("config", {})
+                for fqn, payload in config.items():
+                    name = str(payload.get("path_name", ""))
+                    if payload.get("use_pickle") or not re.fullmatch(_PT2_PAYLOAD_PREFIX[folder] + r"\w+", name):
+                        raise _refuse(path, what, f"{entry}: {fqn!r} is stored as {name!r}"
+                                                  f"{' (pickled)' if payload.get('use_pickle') else ''}, "
+                                                  "not as raw tensor bytes")
+            elif entry.startswith("data/sample_inputs/"):
+                try:
+                    torch.load(io.BytesIO(read(entry)), weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - any failure: torch would retry without restrictions
+                    raise _refuse(path, what, f"{entry} does not load as plain tensors ({type(exc).__name__}); "
+                                              "torch.export.load would retry it without restrictions") from None
+        for entry in models:
+            program = json.loads(read(entry))
+            if program.get("guards_code"):
+                raise _refuse(path, what, f"{entry}: holds guard code, Python that would run when the program "
+                                          "is turned into a module")
+            for key, value in _walk_json(program):
+                if key == "expr_str" and not (isinstance(value, str) and _safe_sympy(value)):
+                    raise _refuse(path, what, f"{entry}: symbolic expression {str(value)[:80]!r} is not a plain "
+                                              "integer expression (torch would evaluate it as Python)")
+                if key == "nodes" and isinstance(value, list):
+                    for node in value:
+                        target = node.get("target") if isinstance(node, dict) else None
+                        if not (isinstance(target, str) and _PT2_TARGET.fullmatch(target)):
+                            raise _refuse(path, what, f"{entry}: graph calls {str(target)[:80]!r}, not an ATen "
+                                                      "operator")

@@ -1,0 +1,207 @@
+"""One inference interface over every runtime: eager PyTorch, TorchScript, torch.export, ONNX Runtime.
+
+`load_backend(path)` finds the file's format in the registry (`toolkit.artifacts.formats`), loads it
+with that format's runtime and returns a `Backend` whose `predict_logits(batch)` takes an
+N×3×32×32 float32 normalized batch (numpy or torch) and returns N×classes float32 logits as a numpy
+array. Verification, `toolkit predict` and the benchmarks all go through it. The runtimes live in
+`torch_runtime` and `onnx_runtime`; a runtime's module is imported only when a file needs it, so
+serving an ONNX model never imports torch.
+
+Every backend validates its input itself (type, rank, channels, size, dtype, finite values, non-empty,
+at most `max_batch` images) and raises `InputError` naming the expected and the actual value, so a bad
+batch never reaches a runtime whose own answer would be NaN logits, an empty result, a page of C++ or a
+guard assertion. It checks the output too: N×classes, and finite (finite inputs so large that the model
+overflows are an `InputError`, not NaN logits). Batches run `CHUNK` images at a time, so memory stays
+bounded.
+
+Which files are safe to load
+----------------------------
+(docs/security.md says the same at more length, with what was found in torch's loaders.)
+
+- `.safetensors` (eager weights, checkpoint weights): data only, a JSON header and raw tensor bytes.
+  Safe to load from anywhere; the worst a bad file can do is fail to load or give wrong answers.
+- `.onnx`: a graph of standard ONNX operators, run by ONNX Runtime. It cannot run arbitrary code,
+  but it is not inert data either: a malicious graph can still exhaust memory or CPU (huge
+  shapes, enormous initializers, loops). The toolkit refuses ONNX files that reference external
+  data files, so a model can only read its own bytes.
+- `.ts` (TorchScript) and `.pt2` (torch.export) are programs. TorchScript runs its own code, even
+  at load time (`__setstate__`); `torch.export.load` unpickles parts of the archive without
+  restrictions, evaluates symbolic-shape strings with `sympy.sympify` (Python `eval`), executes
+  the archive's guard code and loads AOTInductor native libraries. Load them only from sources you
+  trust, or after checking their sha256 against a `manifest.json` you trust. `toolkit predict` and
+  `toolkit verify` check the hash against the manifest beside the file before loading it, and
+  before calling torch's loaders this module refuses archives that are not what their suffix says
+  or that hold pickled objects, compiled code, guard code or anything a toolkit export does not
+  contain. That check narrows the attack surface; it is not a sandbox.
+- Checkpoints: `model.safetensors` is data; the optimizer, scheduler and RNG `.pt` files are read
+  with `torch.load(weights_only=True)` (no arbitrary unpickling), after their sha256 is checked
+  against `state.json`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from toolkit.artifacts import formats
+from toolkit.artifacts.formats import Format
+from toolkit.artifacts.metadata import INPUT_SPEC, ArtifactMetadata
+from toolkit.core.errors import ArtifactError, ConfigError, InputError
+from toolkit.core.images import CHANNELS, HEIGHT, WIDTH
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_MAX_BATCH = 65536  # images per `predict_logits` call (`toolkit predict --max-batch`)
+CHUNK = 1024  # images per runtime call inside `predict_logits`, so memory stays bounded
+# Non-finite logits for an input no larger than this (far beyond normalized pixels, ±3, and even raw
+# 0..255 pixels) mean a broken model, not an overflowing input.
+_PLAUSIBLE_INPUT = 1e4
+# The module that loads each runtime's files (`Format.runtime`); each has `load(path, fmt, threads, providers)`.
+RUNTIMES = {"torch": "toolkit.artifacts.torch_runtime", "onnxruntime": "toolkit.artifacts.onnx_runtime"}
+
+
+def validate_batch(batch: torch.Tensor | np.ndarray, source: str | Path, batch_size: int | None = None,
+                   max_batch: int | None = None) -> np.ndarray:
+    """Check a model input and return it as a C-contiguous float32 numpy array (no copy when possible).
+
+    Every problem is an `InputError` naming the expected and the actual value; nothing else escapes,
+    whatever the argument (any type, rank, shape, dtype, device, layout).
+    """
+    expected = INPUT_SPEC
+    torch = sys.modules.get("torch")  # a torch tensor implies torch is imported; never import it here
+    if torch is not None and isinstance(batch, torch.Tensor):
+        if batch.is_nested or batch.layout != torch.strided:
+            raise InputError(f"{source}: expected a dense {expected} tensor, got a "
+                             f"{'nested' if batch.is_nested else str(batch.layout).removeprefix('torch.')} tensor")
+        dtype = str(batch.dtype).removeprefix("torch.")
+        is_float32 = batch.dtype == torch.float32
+    elif isinstance(batch, np.ndarray) and not isinstance(batch, np.ma.MaskedArray):
+        dtype = str(batch.dtype)
+        # float32 in the other byte order is still float32 (converted below)
+        is_float32 = batch.dtype.kind == "f" and batch.dtype.itemsize == 4
+    else:
+        kind = type(batch).__name__ if type(batch).__module__ == "builtins" else \
+            f"{type(batch).__module__.split('.')[0]}.{type(batch).__name__}"
+        raise InputError(f"{source}: expected a {expected} numpy array or torch tensor, got {kind}")
+    dims = tuple(int(d) for d in batch.shape)
+    shape = "×".join(map(str, dims)) or "scalar"
+    if len(dims) != 4:
+        raise InputError(f"{source}: expected a rank-4 {expected} batch, got rank {len(dims)} ({shape})")
+    if dims[0] == 0:
+        raise InputError(f"{source}: empty batch ({shape}); expected at least one image")
+    if dims[1] != CHANNELS:
+        raise InputError(f"{source}: expected {CHANNELS} channels ({expected}), got {dims[1]} ({shape})")
+    if dims[2:] != (HEIGHT, WIDTH):
+        raise InputError(f"{source}: expected {HEIGHT}×{WIDTH} images ({expected}), "
+                         f"got {dims[2]}×{dims[3]} ({shape})")
+    if batch_size is not None and dims[0] != batch_size:
+        raise InputError(f"{source}: the model has a fixed batch size of {batch_size}, got {dims[0]} ({shape})")
+    if max_batch is not None and dims[0] > max_batch:
+        raise InputError(f"{source}: batch of {dims[0]} images exceeds the limit of {max_batch} per call "
+                         f"(max_batch / --max-batch)")
+    if not is_float32:
+        raise InputError(f"{source}: expected dtype float32 (normalized pixels), got {dtype}")
+    if torch is not None and isinstance(batch, torch.Tensor):
+        if batch.device.type == "meta":
+            raise InputError(f"{source}: expected a tensor with data, got one on the meta device")
+        batch = batch.detach().cpu().resolve_conj().resolve_neg().numpy()
+    x = np.ascontiguousarray(batch, dtype=np.float32)
+    bad, first = 0, -1
+    for start in range(0, len(x), CHUNK):  # chunked: the temporary boolean array stays small
+        finite = np.isfinite(x[start:start + CHUNK]).reshape(-1, CHANNELS * HEIGHT * WIDTH).all(axis=1)
+        if not finite.all():
+            bad += int((~finite).sum())
+            first = first if first >= 0 else start + int(np.flatnonzero(~finite)[0])
+    if bad:
+        raise InputError(f"{source}: batch holds NaN or inf values in {bad} image(s), first at index {first}")
+    return x
+
+
+class Backend(ABC):
+    """A loaded model artifact: `predict_logits` on a normalized float32 batch, plus its metadata."""
+
+    batch_size: int | None = None  # a fixed batch size the artifact demands (None: dynamic)
+    max_batch: int | None = DEFAULT_MAX_BATCH  # most images per `predict_logits` call (None: no limit)
+
+    def __init__(self, path: Path, fmt: Format, metadata: ArtifactMetadata) -> None:
+        self.path = path
+        self.format = fmt
+        self.metadata = metadata
+
+    @property
+    def name(self) -> str:
+        """The format's name (eager, torchscript, pt2, onnx): rows of verify and the benchmarks."""
+        return self.format.name
+
+    @property
+    def classes(self) -> list[str]:
+        return self.metadata.class_names
+
+    def predict_logits(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        """N×3×32×32 float32 normalized images -> N×classes float32 logits, all finite.
+
+        At most `max_batch` images per call; the runtime sees them `CHUNK` at a time. A bad batch, or one
+        whose values are so large that the model overflows, is an `InputError`; a model whose output is
+        not N×classes is an `ArtifactError`.
+        """
+        x = validate_batch(batch, self.path, self.batch_size, self.max_batch)
+        step = len(x) if self.batch_size is not None else CHUNK
+        return np.concatenate([self._checked_run(x[i:i + step], i) for i in range(0, len(x), step)])
+
+    def _checked_run(self, x: np.ndarray, offset: int) -> np.ndarray:
+        logits = np.asarray(self._run(x))
+        if logits.shape != (len(x), len(self.classes)):
+            raise ArtifactError(f"{self.path}: the model returned logits of shape {logits.shape} for {len(x)} images; "
+                                f"expected ({len(x)}, {len(self.classes)})")
+        logits = logits.astype(np.float32, copy=False)
+        finite = np.isfinite(logits).all(axis=1)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite)[0])
+            largest = float(np.abs(x[i]).max())
+            where = f"non-finite logits for {int((~finite).sum())} image(s), first at index {offset + i}"
+            if largest <= _PLAUSIBLE_INPUT:  # an ordinary input: the model itself is broken (NaN weights, ...)
+                raise ArtifactError(f"{self.path}: the model gives {where}, whose values are ordinary "
+                                    f"(largest |value| {largest:.3g})")
+            raise InputError(f"{self.path}: {where}, whose largest |value| is {largest:.3g}: too large for "
+                             f"the model (normalized pixels lie within about ±3)")
+        return logits
+
+    @abstractmethod
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """Run the runtime on an already validated batch."""
+
+
+def load_backend(path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
+                 max_batch: int | None = DEFAULT_MAX_BATCH) -> Backend:
+    """Load a model artifact by path: any registered format's file, or a run or export folder (eager weights).
+
+    `threads` sets the runtime's intra-op threads (for torch formats: torch's process-wide setting).
+    `providers` are ONNX Runtime execution providers; by default CUDA when available, else CPU.
+    `max_batch` bounds the images per `predict_logits` call (None: no bound).
+
+    .ts and .pt2 files are programs: see "Which files are safe to load" above. Their archive is
+    checked before torch's loader sees it; checking its sha256 against a manifest is the caller's job
+    (`toolkit.artifacts.manifest.hash_mismatch`), as `toolkit predict` and `toolkit verify` do.
+    """
+    path = Path(path)
+    if path.is_dir():  # a run folder or an export folder: both keep the eager weights
+        path = path / formats.EAGER.file
+    fmt = formats.for_file(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such file")
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise ConfigError(f"--max-batch: must be an integer >= 1, got {max_batch!r}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {threads}")
+    # Imported on first use: serving an ONNX model must not pay for importing torch, nor the reverse.
+    runtime = importlib.import_module(RUNTIMES[fmt.runtime])
+    backend = runtime.load(path, fmt, threads, providers)
+    backend.max_batch = max_batch
+    return backend

@@ -1,0 +1,247 @@
+"""Export a trained run to deployable files, fp32 and eval mode, with a manifest.
+
+exports/<name>/
+  model.ts           TorchScript (`torch.jit.script`; traced only if scripting fails)
+  model.onnx         ONNX, one self-contained file, input `images` N×3×32×32 float32, output `logits`,
+                     dynamic batch; the torch.export-based (dynamo) exporter, the TorchScript-based one
+                     only as a recorded fallback
+  model.pt2          torch.export ExportedProgram, dynamic batch
+  model.safetensors  the eager fp32 weights, so the folder is self-contained for `toolkit verify`
+  manifest.json      written last (toolkit.artifacts.manifest)
+
+Class names and normalization are also inside each artifact (`toolkit.artifacts.metadata`),
+so a client holding one file and its runtime can preprocess and label correctly.
+
+The folder is written under a temporary name and renamed into place at the end, so an interrupted
+export leaves no half-written folder or manifest behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import shutil
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from toolkit import __version__
+from toolkit.artifacts import formats
+from toolkit.artifacts.manifest import MANIFEST, FileEntry, Manifest, SourceInfo
+from toolkit.artifacts.metadata import INPUT_LAYOUT, INPUT_NAME, METADATA_FILE, OUTPUT_NAME, ArtifactMetadata
+from toolkit.core.errors import ArtifactError, ConfigError, first_line
+from toolkit.core.files import sha256_file
+from toolkit.core.images import CHANNELS, HEIGHT, MEAN, STD, WIDTH
+from toolkit.training.checkpoint import verify_checkpoint
+from toolkit.training.runs import CHECKPOINTS, MODEL, RunRecord, load_model, rebuild_model, save_model
+
+ONNX_OPSET = 18
+_EXAMPLE_BATCH = 2  # torch.export specializes sizes 0 and 1, so the example batch must be larger
+
+
+@dataclass
+class Source:
+    """The weights to export and where they came from."""
+
+    run_dir: Path
+    weights: Path
+    checkpoint: str | None
+    model: nn.Module
+    model_name: str
+    classes: list[str]
+    record: RunRecord
+
+
+def load_source(run_dir: Path, checkpoint: str | Path | None = None) -> Source:
+    """The run's final weights, or those of one of its checkpoints, as an fp32 eval-mode model."""
+    record = RunRecord.read(run_dir)
+    if checkpoint is None:
+        trained = load_model(run_dir / MODEL)
+        return Source(run_dir, run_dir / MODEL, None, trained.model, trained.model_name, trained.classes, record)
+    folder = Path(checkpoint)
+    if not folder.exists() and (run_dir / CHECKPOINTS / folder).exists():
+        folder = run_dir / CHECKPOINTS / folder  # `--checkpoint step_12` names one of the run's own
+    verify_checkpoint(folder)
+    name, classes = record.config.model, record.info.data.classes
+    model = rebuild_model(name, classes, load_file(folder / MODEL), f"checkpoint {folder}")
+    return Source(run_dir, folder / MODEL, folder.name, model, name, classes, record)
+
+
+def _example(num: int = _EXAMPLE_BATCH) -> torch.Tensor:
+    return torch.zeros(num, CHANNELS, HEIGHT, WIDTH)
+
+
+def _batch_dim() -> dict[int, Any]:
+    return {0: torch.export.Dim("batch", min=1)}
+
+
+def write_torchscript(model: nn.Module, path: Path, metadata: ArtifactMetadata) -> dict[str, Any]:
+    """Script the model (trace it if scripting fails) and save it with `metadata.json` inside."""
+    info: dict[str, Any] = {"method": "script"}
+    try:
+        module = torch.jit.script(model)
+    except Exception as exc:  # scripting rejects many Python constructs; tracing is the documented fallback
+        info = {"method": "trace", "note": f"torch.jit.script failed ({first_line(exc)}); traced instead"}
+        module = torch.jit.trace(model, _example())
+    module.save(str(path), _extra_files={METADATA_FILE: json.dumps(metadata.to_strings())})
+    return info
+
+
+def write_pt2(model: nn.Module, path: Path, metadata: ArtifactMetadata) -> dict[str, Any]:
+    """torch.export with a dynamic batch dimension, saved with `metadata.json` inside."""
+    program = torch.export.export(model, (_example(),), dynamic_shapes=(_batch_dim(),))
+    torch.export.save(program, path, extra_files={METADATA_FILE: json.dumps(metadata.to_strings())})
+    return {"method": "torch.export.export", "dynamic_batch": True}
+
+
+def write_onnx(model: nn.Module, path: Path, metadata: ArtifactMetadata) -> dict[str, Any]:
+    """ONNX via the torch.export-based exporter (TorchScript-based only if it fails), weights inline.
+
+    The model proto is saved by `onnx.save_model` with external data off, so the result is one file,
+    then checked with `onnx.checker.check_model(full_check=True)` (which also runs shape inference).
+    """
+    info: dict[str, Any] = {"exporter": "dynamo"}
+    try:
+        program = torch.onnx.export(model, (_example(),), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamo=True, dynamic_shapes=(_batch_dim(),), opset_version=ONNX_OPSET,
+                                    verbose=False)
+        proto = program.model_proto
+    except Exception as exc:  # the exporter can fail in many ways; the legacy one is the documented fallback
+        info = {"exporter": "torchscript", "note": f"dynamo ONNX exporter failed ({first_line(exc)}); "
+                                                   "used the deprecated TorchScript-based exporter"}
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (_example(),), buffer, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        proto = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(proto, metadata.to_strings())
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ArtifactError(f"{path}: exported ONNX model fails onnx.checker: {first_line(exc)}") from None
+    info["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return info
+
+
+WRITERS: dict[str, Callable[[nn.Module, Path, ArtifactMetadata], dict[str, Any]]] = {
+    "torchscript": write_torchscript,
+    "onnx": write_onnx,
+    "pt2": write_pt2,
+}
+
+
+@contextlib.contextmanager
+def _collect_warnings(lines: list[str]) -> Iterator[None]:
+    """Hold back the warnings an export call emits (TorchScript emits one FutureWarning per scripted
+    function) and keep one line per distinct message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for message in dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip().splitlines()[0]}" for w in caught):
+        lines.append(message)
+
+
+def default_export_dir(run_dir: Path) -> Path:
+    """Where `toolkit export` and `toolkit run` put a run's export: exports/<run folder name>."""
+    return Path("exports") / Path(run_dir).resolve().name
+
+
+def export_run(run_dir: Path, out: Path | None = None, names: Sequence[str] = formats.EXPORTABLE,
+               checkpoint: str | Path | None = None, overwrite: bool = False,
+               log: Callable[[str], None] = print) -> Path:
+    """`toolkit export`: write the chosen formats, the eager weights and the manifest; return the folder."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else default_export_dir(run_dir)
+    _check_destination(out, overwrite)
+    source = load_source(run_dir, checkpoint)
+    metadata = ArtifactMetadata(source.classes, list(MEAN), list(STD))
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files: dict[str, FileEntry] = {}
+        notes: list[str] = []
+        for name in names:
+            fmt = formats.get(name)
+            held_back: list[str] = []
+            with _collect_warnings(held_back):
+                details = WRITERS[name](source.model, tmp / fmt.file, metadata)
+            if "note" in details:
+                held_back.append(details.pop("note"))
+            for line in held_back:
+                log(f"export: note: {name}: {line}")
+                notes.append(f"{name}: {line}")
+            files[fmt.file] = FileEntry(name, details=details)
+        save_model(source.model, tmp / formats.EAGER.file, source.model_name, source.classes)
+        files[formats.EAGER.file] = FileEntry(formats.EAGER.name)
+        for file, entry in files.items():
+            entry.size, entry.sha256 = (tmp / file).stat().st_size, sha256_file(tmp / file)
+            log(f"export: wrote {out / file} ({entry.format}, {entry.size / 1024:.0f} KiB)")
+        _manifest(source, metadata, files, notes).write(tmp)  # last: a folder with a manifest is complete
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"export folder: {out}")
+    return out
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out}: already exists; pass --overwrite to replace it")
+    # --overwrite replaces an earlier export, never an arbitrary folder (think `--out .`).
+    if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
+        raise ConfigError(f"--out {out}: exists and is not an export folder (no {MANIFEST}); refusing to replace it")
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move `tmp` to `out`; an existing `out` is moved aside first and deleted only afterwards."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _manifest(source: Source, metadata: ArtifactMetadata, files: dict[str, FileEntry], notes: list[str]) -> Manifest:
+    onnx_entry = files.get(formats.get("onnx").file)
+    return Manifest(
+        toolkit_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        source=SourceInfo(
+            run=str(source.run_dir.resolve()),
+            weights=str(source.weights.resolve()),
+            checkpoint=source.checkpoint,
+            sha256=sha256_file(source.weights),
+            model=source.model_name,
+            trained_mixed_precision=source.record.info.mixed_precision,
+            # The run's data config, so `toolkit verify` can reload the same split without the run folder.
+            data=dataclasses.asdict(source.record.config.data)),
+        precision="fp32",
+        input={"name": INPUT_NAME, "shape": ["N", CHANNELS, HEIGHT, WIDTH], "dtype": "float32",
+               "layout": INPUT_LAYOUT,
+               "preprocessing": "RGB, resized to 32×32, pixels scaled to [0, 1], then (x - mean) / std per channel"},
+        output={"name": OUTPUT_NAME, "shape": ["N", len(source.classes)], "dtype": "float32"},
+        class_names=metadata.class_names,
+        mean=metadata.mean,
+        std=metadata.std,
+        opset=onnx_entry.details.get("opset") if onnx_entry else None,
+        files=files,
+        versions={"toolkit": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                  "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+        notes=notes)

@@ -1,0 +1,184 @@
+"""Checkpoints that are either complete or ignored.
+
+Layout of `checkpoints/step_<global step>/`:
+  model.safetensors   unwrapped model weights (main process)
+  optimizer.pt        optimizer state dict, loaded with `weights_only=True` (main process)
+  scheduler.pt        LR scheduler state dict (main process)
+  rng_<process>.pt    each process's torch / numpy / python RNG states
+  state.json          written last: training position and the sha256 of every file above
+
+A checkpoint is written into a hidden temporary folder, fsynced, then renamed into place, so a
+kill mid-write leaves only a `.tmp` folder that loading ignores. `state.json` is the completion
+marker; its hashes are checked before anything is loaded. Rotation deletes old checkpoints only
+after the new one is complete, and never the newest complete one.
+
+Accelerate's own `save_state` is not used: it writes in place, and with a total limit deletes old
+checkpoints before the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from toolkit.core.errors import CheckpointError, first_line
+from toolkit.core.files import fsync_path, sha256_file
+
+STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where training stands: after `global_step` optimizer steps, `batches_done` micro-batches of `epoch`."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+    train_seconds: float = 0.0  # wall-clock seconds spent in training steps so far (not eval, not I/O)
+    nan_skips: int = 0  # batches skipped for a non-finite loss (--on-nan skip)
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, state: TrainState, model, optimizer,
+                    scheduler, keep: int) -> Path:
+    """Atomically write a checkpoint of every process's state; all processes must call this."""
+    final = checkpoints_dir / f"step_{state.global_step}"
+    tmp = checkpoints_dir / f".step_{state.global_step}.tmp"
+    try:
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file(accelerator.unwrap_model(model).state_dict(), tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            for p in tmp.iterdir():
+                fsync_path(p)
+            record = {**asdict(state), "num_processes": accelerator.num_processes, "files": files}
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
+            fsync_path(tmp / STATE_FILE)
+            if final.exists():  # the same step written again after a resume: the new copy is complete
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_path(checkpoints_dir)
+            _rotate(checkpoints_dir, keep)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, quota, unwritable (torch.save wraps OSError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}; earlier checkpoints are untouched") \
+            from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _rotate(checkpoints_dir: Path, keep: int) -> None:
+    complete = [p for p in list_checkpoints(checkpoints_dir) if (p / STATE_FILE).exists()]
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """`step_*` folders, oldest first (temporary folders excluded)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints_dir.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Return the checkpoint's state record after checking every file against its sha256."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: no such folder")
+    marker = path / STATE_FILE
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {path}: not a complete checkpoint (no {STATE_FILE})")
+    try:
+        record = json.loads(marker.read_text())
+        files = record["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable {STATE_FILE} ({exc})") from None
+    for name, digest in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"checkpoint {path}: {STATE_FILE} lists {name!r}, not a file of this folder")
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: missing {name}")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 mismatch)")
+    return record
+
+
+def find_latest(checkpoints_dir: Path) -> tuple[Path, list[str]]:
+    """Newest checkpoint that verifies, and a warning line for every newer one that did not."""
+    skipped: list[str] = []
+    for path in reversed(list_checkpoints(checkpoints_dir)):
+        try:
+            verify_checkpoint(path)
+            return path, skipped
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+    raise CheckpointError(f"--resume latest: no complete checkpoint under {checkpoints_dir}"
+                          + (f" ({'; '.join(skipped)})" if skipped else ""))
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore a verified checkpoint into the prepared model, optimizer and scheduler, and the RNGs."""
+    record = verify_checkpoint(path)
+    try:
+        accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}") from None
+    rng = path / f"rng_{accelerator.process_index}.pt"
+    if record.get("num_processes") != accelerator.num_processes or not rng.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} was written by {record.get('num_processes')} processes, this run has "
+            f"{accelerator.num_processes}: resume with the same process count")
+    try:
+        _set_rng_state(torch.load(rng, weights_only=True))
+    except (RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        # A resume with the wrong RNG state would silently diverge from the uninterrupted run.
+        raise CheckpointError(f"checkpoint {path}: cannot restore the RNG state from {rng.name} "
+                              f"({first_line(exc)})") from None
+    return TrainState(**{k: record[k] for k in asdict(TrainState())})
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

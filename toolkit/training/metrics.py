@@ -1,0 +1,114 @@
+"""Training metrics: metrics.jsonl, and the logger that sends every record to its three sinks.
+
+metrics.jsonl holds one JSON object per line:
+  {"kind": "step", "step", "epoch", "loss", "lr", "images_per_s", "train_seconds"}   every --log-every steps
+  {"kind": "epoch", "epoch", "step", "train_loss", "train_seconds", "val_accuracy", "val_loss"}
+`train_seconds` counts time spent in training steps only (not evaluation, not checkpoint writes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from toolkit.training.progress import Progress
+from toolkit.training.runs import METRICS
+
+
+class MetricsFile:
+    """Appends records to metrics.jsonl; on resume, first drops the lines past the resumed step."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, oldest first (none when there is no file)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricLogger:
+    """Sends each record to metrics.jsonl (main process), Accelerate's trackers and the progress display,
+    and owns the logging window: the loss and image count since the last step record.
+
+    Losses are summed on the device and read only when a record is written, so logging adds no
+    host-device synchronization between log points.
+    """
+
+    def __init__(self, accelerator: Accelerator, path: Path, resume_step: int | None, initial_step: int,
+                 total_steps: int, epochs: int, log_every: int, quiet: bool) -> None:
+        self.accelerator = accelerator
+        self.file = MetricsFile(path, resume_step) if accelerator.is_main_process else None
+        self.progress = Progress(total_steps, initial_step, accelerator.is_main_process, quiet, log_every)
+        self.total_steps, self.epochs, self.log_every = total_steps, epochs, log_every
+        # [loss sum, finite batches] of this process, on the device: since the last step record, and this epoch
+        self.window = torch.zeros(2, device=accelerator.device)
+        self.epoch_totals = torch.zeros(2, device=accelerator.device)
+        self._window_start()
+
+    def _window_start(self) -> None:
+        self.window.zero_()
+        self.images = 0  # images trained on in the window, over all processes
+        self.start = time.perf_counter()
+
+    def batch(self, loss: torch.Tensor, finite: torch.Tensor | bool, images: int) -> None:
+        """Count one micro-batch: its loss (left out when not finite) and its images on every process."""
+        finite = torch.as_tensor(finite, device=loss.device)
+        counted = torch.stack([torch.where(finite, loss.detach().float(), 0.0), finite.float()])
+        self.window += counted
+        self.epoch_totals += counted
+        self.images += images * self.accelerator.num_processes
+
+    def epoch_loss(self) -> float:
+        """Mean loss of this process's finite batches since the last call (one read per epoch)."""
+        total, batches = self.epoch_totals.tolist()
+        self.epoch_totals.zero_()
+        return total / max(batches, 1)
+
+    def step(self, step: int, epoch: int, lr: float, train_seconds: float) -> None:
+        """After optimizer step `step`: write a step record every `log_every` steps and at the last."""
+        if step % self.log_every and step != self.total_steps:
+            return
+        mean_loss = self.accelerator.reduce(self.window[0] / self.window[1].clamp(min=1), "mean").item()
+        images_per_s = self.images / (time.perf_counter() - self.start)
+        record = {"kind": "step", "step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                  "images_per_s": images_per_s, "train_seconds": round(train_seconds, 3)}
+        self._write(record, step, ("loss", "lr", "images_per_s"))
+        self.progress.step(step, epoch, self.epochs, mean_loss, lr, images_per_s)
+        self._window_start()
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        """An end-of-epoch record (see the module docstring), plus a line for people."""
+        self._write(record, record["step"], [k for k, v in record.items() if isinstance(v, float)])
+        val = record.get("val_accuracy")
+        self.progress.write(f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f}"
+                            + (f", val accuracy {100 * val:.1f} %" if val is not None else "")
+                            + f", {record['train_seconds']:.1f} s training")
+
+    def _write(self, record: dict[str, Any], step: int, tracked) -> None:
+        if self.file is not None:
+            self.file.write(record)
+        self.accelerator.log({k: record[k] for k in tracked}, step=step)
+
+    def note(self, line: str) -> None:
+        """A line for people (warnings), without breaking the progress bar."""
+        self.progress.write(line)
+
+    def close(self) -> None:
+        self.progress.close()

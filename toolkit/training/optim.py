@@ -1,0 +1,45 @@
+"""The optimizer (SGD with momentum, as in the tutorial) and its learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from toolkit.training.config import OptimConfig
+
+
+class LRSchedule:
+    """Learning-rate multiplier as a function of the optimizer step (picklable, for LambdaLR).
+
+    onecycle: linear warm-up from 1/25 to 1, then linear decay to 0 at `total_steps`;
+    cosine:   linear warm-up from 1/25 to 1, then cosine decay to 0; none: constant 1.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup_fraction: float) -> None:
+        self.kind = kind
+        self.total_steps = max(total_steps, 1)
+        self.warmup_steps = int(warmup_fraction * total_steps)
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "none":
+            return 1.0
+        if step < self.warmup_steps:
+            return 1 / 25 + (1 - 1 / 25) * step / self.warmup_steps
+        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+        if self.kind == "onecycle":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+    """Stepped once per optimizer step, on the unwrapped optimizer: the LR is a function of the step
+    alone (a scheduler passed through `accelerator.prepare` would step num_processes times per call)."""
+    return LambdaLR(optimizer, LRSchedule(cfg.schedule, total_steps, cfg.warmup_fraction))

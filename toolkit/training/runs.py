@@ -1,0 +1,197 @@
+"""The run folder: its layout, the run record (config.json), final weights, and start-up checks.
+
+runs/<name>/
+  config.json        the TrainConfig, plus "runtime": the `RunInfo` of what the run really had
+  metrics.jsonl      one JSON object per line (toolkit.training.metrics)
+  checkpoints/       step_<global step>/ (toolkit.training.checkpoint)
+  model.safetensors  final weights; metadata holds the model name and class names to rebuild it
+  eval.json          final evaluation (toolkit.training.evaluate.EvalResult)
+
+This module is the only reader and writer of config.json and model.safetensors: other modules get
+typed records (`RunRecord`, `TrainedModel`), never the JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from toolkit import __version__
+from toolkit.core.errors import CheckpointError, first_line
+from toolkit.training.checkpoint import STATE_FILE, find_latest, list_checkpoints, verify_checkpoint
+from toolkit.training.config import TrainConfig, train_config_from_dict
+from toolkit.training.models import build_model
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+MODEL = "model.safetensors"
+EVAL = "eval.json"
+CHECKPOINTS = "checkpoints"
+
+
+def default_run_name() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def versions() -> dict[str, str]:
+    return {"toolkit": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
+            "python": platform.python_version()}
+
+
+@dataclass
+class DataInfo:
+    """The data a run really trained and was evaluated on."""
+
+    source: str  # "cifar10:DIR", "imagefolder:DIR" or "synthetic"
+    classes: list[str]
+    train: int  # images in the training split (after the validation hold-out)
+    val: int  # images held out for validation
+    eval_split: str  # the split the final evaluation used: "test", or "val" when the source has none
+    eval_note: str | None  # why eval_split is not "test", if it is not
+
+
+@dataclass
+class RunInfo:
+    """What a run really had, as opposed to what its config asked for: config.json's "runtime"."""
+
+    num_processes: int
+    distributed_type: str
+    mixed_precision: str  # the precision Accelerate used: no, bf16 or fp16
+    device: str  # the main process's device, e.g. "cpu" or "cuda:0"
+    torch_threads: int  # intra-op threads per process
+    global_batch_size: int  # images per optimizer step over all processes
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int  # optimizer steps of the whole run (--epochs, capped by --max-steps)
+    data: DataInfo
+    versions: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunInfo:
+        return cls(**{**d, "data": DataInfo(**d["data"])})
+
+
+@dataclass
+class RunRecord:
+    """config.json: the config a run was started with and what it really had."""
+
+    config: TrainConfig
+    info: RunInfo
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "runtime": self.info.to_json()}
+
+    def write(self, run_dir: Path) -> None:
+        (run_dir / CONFIG).write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunRecord:
+        path = Path(run_dir) / CONFIG
+        if not path.is_file():
+            raise CheckpointError(f"--run {run_dir}: not a run folder (no {CONFIG})")
+        try:
+            saved = json.loads(path.read_text())
+            return cls(train_config_from_dict(saved), RunInfo.from_json(saved["runtime"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: unreadable ({first_line(exc)})") from None
+
+
+def save_model(model: nn.Module, path: Path, model_name: str, classes: list[str]) -> None:
+    """Final weights with what is needed to rebuild the module (written atomically)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(model.state_dict(), tmp, metadata={"model": model_name, "classes": json.dumps(classes)})
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module
+    model_name: str
+    classes: list[str]
+    path: Path
+
+
+def load_model(path: Path) -> TrainedModel:
+    """Rebuild an eval-mode fp32 model from a `model.safetensors` written by `save_model`."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path)
+        name, classes = meta["model"], json.loads(meta["classes"])
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a toolkit model file ({type(exc).__name__}: {exc})") from None
+    return TrainedModel(rebuild_model(name, classes, state, str(path)), name, classes, path)
+
+
+def rebuild_model(name: str, classes: list[str], state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """A registered model with `state` loaded, fp32 and in eval mode; `source` names the weights in errors.
+
+    Mixed-precision runs keep fp32 master weights; `.float()` also covers any half-precision state.
+    """
+    model = build_model(name, len(classes))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: weights do not fit model {name!r}: {first_line(exc)}") from None
+    return model.float().eval()
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """Delete what a training run wrote into `run_dir` (for --overwrite), leaving anything else."""
+    for name in (CONFIG, METRICS, MODEL, EVAL):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+
+
+def prepare_run_folder(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator) -> Path | None:
+    """Create the run folder and return the checkpoint to resume from, if any.
+
+    Refuses to train over an existing run by accident: that takes `--resume` or `--overwrite`.
+    """
+    resume_from = None
+    if cfg.resume == "latest":
+        # Restart loops call `--resume latest` blindly: with no checkpoint yet, start from step 0.
+        if list_checkpoints(run_dir / CHECKPOINTS):
+            resume_from, skipped = find_latest(run_dir / CHECKPOINTS)
+            for line in skipped:
+                accelerator.print(f"warning: skipping {line}")
+        else:
+            accelerator.print(f"--resume latest: no checkpoint in {run_dir / CHECKPOINTS}: starting from step 0")
+    elif cfg.resume:
+        path = Path(cfg.resume)
+        if (path / CHECKPOINTS).is_dir() and not (path / STATE_FILE).exists():
+            resume_from, _ = find_latest(path / CHECKPOINTS)  # a run folder: its newest good checkpoint
+        else:
+            verify_checkpoint(path)
+            resume_from = path
+    elif (run_dir / CONFIG).exists() or list_checkpoints(run_dir / CHECKPOINTS):
+        if not cfg.overwrite:
+            raise CheckpointError(f"--output-dir {run_dir} already holds a run: pass --resume latest to continue it, "
+                                  "--overwrite to replace it, or choose another --output-dir")
+        if accelerator.is_main_process:
+            remove_run_files(run_dir)  # only the files a run writes, never the rest of the folder
+    if accelerator.is_main_process:
+        try:
+            (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"--output-dir {run_dir}: cannot create ({exc.strerror})") from None
+    accelerator.wait_for_everyone()
+    return resume_from
