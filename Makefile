@@ -25,7 +25,7 @@ else
 DATA_FLAGS = --data cifar10 --data-dir data
 endif
 
-.PHONY: run test test-slow bench venv clean
+.PHONY: run test test-slow test-floor bench gpu-check venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,15 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# The suite against the lowest version of every dependency pyproject.toml admits (tests/floor.py pins
+# them), in its own .venv-floor: run it before landing changes to export, loading or training. About
+# 4 GB of downloads the first time (torch's CUDA build), then 6-9 minutes on 2 cores.
+test-floor:
+	test -x .venv-floor/bin/python || $(PYTHON) -m venv .venv-floor
+	$(PYTHON) tests/floor.py > .venv-floor/constraints.txt
+	.venv-floor/bin/python -m pip install --quiet -c .venv-floor/constraints.txt -e '.[dev]'
+	.venv-floor/bin/python -m pytest -q -p no:cacheprovider
+
 # Every benchmark (none is marked slow; gpu ones skip without CUDA), timings on: one results file
 # benchmarks/results/<timestamp>.json for `python -m benchmarks.report`, and pytest-benchmark's own
 # storage under benchmarks/results/storage so that `make bench BENCH_ARGS=--benchmark-compare`
@@ -59,6 +68,13 @@ bench: $(STAMP)
 		--benchmark-storage=benchmarks/results/storage --benchmark-autosave \
 		--benchmark-json=benchmarks/results/$$(date +%Y%m%d-%H%M%S).json $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.report
+
+# On a lent GPU machine (offline; its python3 already has torch, accelerate, onnx, onnxruntime, pytest and
+# pytest-benchmark): `python3 -m pip install --no-deps --no-build-isolation -e .`, then
+# `make gpu-check OUT=DIR DATA_DIR=data/cifar10-jpg`. About 6 minutes; writes DIR/gpu-check.md and .json.
+OUT ?= gpu-check
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check --out "$(OUT)" $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -88,6 +88,8 @@ def test_gpu_train_step(benchmark, scale: Scale, flops_per_image: int, precision
     from accelerate import Accelerator
 
     from toolkit.training.models import build_model
+    from toolkit.training.config import OptimConfig
+    from toolkit.training.optim import build_optimizer
     from toolkit.training.train import train_step
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -97,7 +99,7 @@ def test_gpu_train_step(benchmark, scale: Scale, flops_per_image: int, precision
         accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
         torch.manual_seed(0)
         model = build_model("tutorial", 10)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = build_optimizer(model, OptimConfig(lr=0.01, momentum=0.9))  # the trainer's fused SGD
         model, optimizer = accelerator.prepare(model, optimizer)
         images = torch.randn(batch, 3, 32, 32, device=accelerator.device)
         labels = torch.randint(0, 10, (batch,), device=accelerator.device)

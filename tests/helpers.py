@@ -70,9 +70,14 @@ def accelerate_launch_cmd(config: str, *args: str) -> list[str]:
             "--main_process_port", str(free_port()), "-m", "toolkit", *args]
 
 
+# Launched CPU processes: one thread each, and on the CPU even where a GPU is visible (two ranks on one
+# GPU would make NCCL refuse the group).
+CPU_LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+
 def accelerate_launch(config: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(accelerate_launch_cmd(config, *args), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=timeout, env={**os.environ, **CPU_LAUNCH_ENV})
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -35,7 +35,7 @@ def make_run(root: Path, *, verified: bool = True, failing: bool = False, grid: 
     cfg = build_train_config({"data": "synthetic", "output_dir": str(run), "epochs": 2, "batch_size": 32, **flags})
     info = RunInfo(num_processes=processes, distributed_type="DistributedType.NO", mixed_precision="no",
                    device="cpu", torch_threads=1, global_batch_size=32 * processes, steps_per_epoch=3,
-                   total_steps=6, versions={"toolkit": "0.1.0", "torch": torch.__version__},
+                   total_steps=6, compile_mode=None, versions={"toolkit": "0.1.0", "torch": torch.__version__},
                    data=DataInfo("synthetic", CLASSES, train=90, val=10, eval_split="test", eval_note=None))
     RunRecord(cfg, info).write(run)
     records = []

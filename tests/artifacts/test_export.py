@@ -51,9 +51,12 @@ def test_export_writes_every_format_and_a_complete_manifest(exported: Export) ->
 
 
 def test_deprecation_warnings_are_one_line(exported: Export) -> None:
+    """torch's deprecation warnings during export (which ones depends on the torch release) are one note line each."""
     lines = exported.log.splitlines()
     deprecated = [l for l in lines if "deprecated" in l]
-    assert len(deprecated) == 1 and "torch.jit.script" in deprecated[0], exported.log
+    assert any("torch.jit.script" in l for l in deprecated), exported.log
+    assert all(l.startswith("export: note: ") for l in deprecated), exported.log
+    assert len(deprecated) == len(set(deprecated))  # each distinct warning once
     assert "Traceback" not in exported.log and "warnings.warn" not in exported.log
 
 
@@ -228,7 +231,8 @@ def test_torchscript_falls_back_to_tracing_and_says_so(tmp_path: Path, monkeypat
         raise RuntimeError("simulated scripting failure")
 
     monkeypatch.setattr(torch.jit, "script", script_fails)
-    with pytest.warns(FutureWarning, match=r"torch\.jit\.trace"):  # export_run turns these into one line
+    # torch 2.14 warns with FutureWarning, 2.11 with DeprecationWarning; export_run turns them into one line
+    with pytest.warns((FutureWarning, DeprecationWarning), match=r"torch\.jit\.trace"):
         info = write_torchscript(TutorialNet().eval(), tmp_path / "model.ts",
                                  ArtifactMetadata(CLASSES, list(MEAN), list(STD)))
     assert info["method"] == "trace" and "simulated scripting failure" in info["note"]

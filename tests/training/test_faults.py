@@ -186,12 +186,12 @@ def test_killed_rank_ends_the_job_and_it_resumes(tmp_path):
     """SIGKILL one of two ranks: the launcher exits non-zero promptly; --resume latest finishes the run."""
     import psutil
 
-    from tests.helpers import accelerate_launch_cmd
+    from tests.helpers import CPU_LAUNCH_ENV, accelerate_launch_cmd
 
     run = tmp_path / "run"
     cmd = accelerate_launch_cmd("cpu-2proc.yaml", "train", *ARGS, "--output-dir", str(run), "--resume", "latest")
     launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, **CPU_LAUNCH_ENV})
     assert _wait_for(launcher, lambda: _last_step(run) >= 40, timeout=180)
     workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "toolkit" in " ".join(p.cmdline())]
     assert len(workers) == 2
@@ -201,7 +201,7 @@ def test_killed_rank_ends_the_job_and_it_resumes(tmp_path):
     assert launcher.returncode != 0
     assert time.monotonic() - killed_at < 60  # no hang waiting for the dead rank
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, **CPU_LAUNCH_ENV})
     assert_ok(proc)
     assert "resumed from" in proc.stdout
     assert json.loads((run / "eval.json").read_text())["n"] == 100

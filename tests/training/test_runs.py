@@ -22,7 +22,7 @@ CLASSES = [f"c{i}" for i in range(10)]
 
 def _record(run: Path) -> RunRecord:
     info = RunInfo(num_processes=2, distributed_type="MULTI_GPU", mixed_precision="bf16", device="cuda:0",
-                   torch_threads=4, global_batch_size=256, steps_per_epoch=176, total_steps=2640,
+                   torch_threads=4, global_batch_size=256, steps_per_epoch=176, total_steps=2640, compile_mode=None,
                    data=DataInfo("imagefolder:data", CLASSES, 45000, 5000, "val", "no test split"),
                    versions={"torch": "2.x"})
     return RunRecord(build_train_config({"output_dir": str(run), "lr": 0.2}), info)

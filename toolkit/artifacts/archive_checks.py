@@ -15,6 +15,7 @@ import contextlib
 import functools
 import io
 import json
+import pickletools
 import re
 import zipfile
 from collections.abc import Iterator
@@ -85,12 +86,34 @@ def _refuse(path: Path, what: str, reason: str) -> ArtifactError:
     return ArtifactError(f"{path}: refusing to load this {what} file: {reason}")
 
 
-def check_torchscript_archive(path: Path) -> None:
-    """A TorchScript archive as `torch.jit.save` writes it, and no TorchScript code that runs at load time.
+# What the pickles inside a TorchScript archive may name: the archive's own TorchScript classes
+# (`__torch__.*`, compiled from its code/ folder, not imported) and torch's tensor rebuilders.
+# Checked here rather than trusted to torch: whether `torch.jit.load`'s unpickler refuses other names
+# has changed between releases.
+_TS_GLOBAL = re.compile(r"__torch__(\.\w+)* \w+|collections OrderedDict|torch \w+Storage"
+                        r"|torch\._utils _rebuild_(tensor|tensor_v2|qtensor|sparse_tensor|parameter)"
+                        r"|torch\.jit\._pickle (build_\w+|restore_type_tag)")
+_PICKLE_IMPORTS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"}
 
-    `torch.jit.load` reads data.pkl/constants.pkl with torch's own restricted unpickler (an unknown
-    class is an error, not an import), so a renamed pickle cannot run Python; but a scripted class's
-    `__setstate__` runs while loading. A toolkit export never has one.
+
+def _check_pickle(path: Path, what: str, entry: str, data: bytes) -> None:
+    """Refuse a pickle that imports anything a `torch.jit.save` pickle does not (it would run on loading)."""
+    for op, arg, _ in pickletools.genops(data):
+        if op.name not in _PICKLE_IMPORTS:
+            continue
+        # torch writes protocol-2 GLOBALs only; the other ways to reach a Python object are refused outright.
+        if op.name != "GLOBAL" or not _TS_GLOBAL.fullmatch(str(arg)):
+            name = str(arg).replace(" ", ".") if arg is not None else op.name
+            raise _refuse(path, what, f"{entry} refers to {name}, which a TorchScript file's pickles never do "
+                                      "(it would run Python while loading)")
+
+
+def check_torchscript_archive(path: Path) -> None:
+    """A TorchScript archive as `torch.jit.save` writes it, and no code that runs at load time.
+
+    Its pickles (data.pkl, constants.pkl, the debug pickles beside the code) may only rebuild tensors
+    and the archive's own TorchScript classes; and a scripted class's `__setstate__`, which would run
+    while loading, is refused. A toolkit export has neither.
     """
     what = "TorchScript"
     check_torch_version(path, what)
@@ -103,6 +126,8 @@ def check_torchscript_archive(path: Path) -> None:
                    " (a torch.save checkpoint or another zip?)"
             raise ArtifactError(f"{path}: not a TorchScript file: no {', '.join(missing) or 'code/'} inside{hint}")
         for entry in entries:
+            if entry.endswith((".pkl", ".debug_pkl")):
+                _check_pickle(path, what, entry, archive.read(f"{root}/{entry}"))
             if entry.startswith("code/") and entry.endswith(".py"):
                 if re.search(rb"\bdef __setstate__\b", archive.read(f"{root}/{entry}")):
                     raise _refuse(path, what, f"{entry} defines __setstate__, code that would run while loading")

@@ -82,5 +82,9 @@ def load(path: Path, fmt: Format, threads: int | None, providers: Sequence[str] 
     if OUTPUT_NAME not in [o.name for o in outputs]:
         raise ArtifactError(f"{path}: no output named '{OUTPUT_NAME}' (outputs: {[o.name for o in outputs]})")
     batch = inputs[0].shape[0]
-    metadata = ArtifactMetadata.from_strings(session.get_modelmeta().custom_metadata_map, path)
+    try:
+        props = session.get_modelmeta().custom_metadata_map
+    except UnicodeDecodeError as exc:  # onnxruntime 1.30 decodes damaged metadata strings eagerly
+        raise ArtifactError(f"{path}: unreadable model metadata ({first_line(exc)})") from None
+    metadata = ArtifactMetadata.from_strings(props, path)
     return OnnxRuntimeBackend(path, fmt, metadata, session, batch if isinstance(batch, int) else None)

@@ -34,7 +34,9 @@ def decode_image(data: bytes, source: str) -> np.ndarray:
                 im = im.resize((WIDTH, HEIGHT), Image.BILINEAR)
             pixels = np.asarray(im, dtype=np.uint8)
     except Exception as exc:  # PIL's decoders raise many types (OSError, ValueError, SyntaxError, struct.error, ...)
-        reason = "unknown or truncated image format" if isinstance(exc, Image.UnidentifiedImageError) else exc
+        # PIL reports bytes it cannot identify or decode as OSError (UnidentifiedImageError is one); which of
+        # the two a given garbage file gets differs between PIL releases.
+        reason = "unknown or truncated image format" if isinstance(exc, OSError) else exc
         raise DataError(f"{source}: not a readable image ({reason})") from None
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 

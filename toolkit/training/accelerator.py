@@ -32,6 +32,11 @@ def wants_cpu() -> bool:
 def build_accelerator(cfg: TrainConfig) -> tuple[Accelerator, Path]:
     """The run's Accelerator (after checking the process count) and its run folder, the same on every process."""
     use_cpu = wants_cpu()
+    if cfg.deterministic:
+        # Before any CUDA work: cuBLAS reads its workspace setting when it starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if cfg.mixed_precision == "fp16" and use_cpu:
         # Accelerate would silently train in fp32 on CPU.
         raise ConfigError("--mixed-precision fp16: needs a GPU and this run is on the CPU; use bf16 on CPU")

@@ -4,6 +4,7 @@ Layout of `checkpoints/step_<global step>/`:
   model.safetensors   unwrapped model weights (main process)
   optimizer.pt        optimizer state dict, loaded with `weights_only=True` (main process)
   scheduler.pt        LR scheduler state dict (main process)
+  scaler.pt           fp16 only: the GradScaler's loss scale and growth tracker (main process)
   rng_<process>.pt    each process's torch / numpy / python RNG states
   state.json          written last: training position and the sha256 of every file above
 
@@ -38,6 +39,7 @@ from toolkit.core.errors import CheckpointError, first_line
 from toolkit.core.files import fsync_path, sha256_file
 
 STATE_FILE = "state.json"
+SCALER_FILE = "scaler.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -68,6 +70,8 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, state: Trai
             save_file(accelerator.unwrap_model(model).state_dict(), tmp / "model.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if accelerator.scaler is not None:  # fp16: a resumed run continues with the same loss scale
+                torch.save(accelerator.scaler.state_dict(), tmp / SCALER_FILE)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
@@ -147,6 +151,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, sche
         accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if accelerator.scaler is not None and (path / SCALER_FILE).is_file():
+            accelerator.scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}") from None
     rng = path / f"rng_{accelerator.process_index}.pt"

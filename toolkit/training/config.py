@@ -108,6 +108,10 @@ class TrainConfig:
     eval_batch_size: int = _field(1000, "images per process per evaluation batch")
     mixed_precision: str = _field("no", "autocast precision: no, bf16 (CPU and GPU) or fp16 (GPU only)", choices=PRECISIONS)
     seed: int = _field(0, "seed for initialization, data order and augmentation")
+    compile: bool = _field(False, "torch.compile the model's training forward and backward (inductor; on CUDA also "
+                                  "CUDA graphs, mode reduce-overhead); the first steps compile, about 10-60 s")
+    deterministic: bool = _field(False, "deterministic kernels (torch.use_deterministic_algorithms, cuDNN without "
+                                        "benchmarking): bit-exact resumes on a GPU, at some speed")
     output_dir: str | None = _field(None, "run folder (default runs/<timestamp>)")
     checkpoint_every: int = _field(0, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (the newest K)")

@@ -9,7 +9,6 @@ metrics.jsonl holds one JSON object per line:
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ class MetricLogger:
     """
 
     def __init__(self, accelerator: Accelerator, path: Path, resume_step: int | None, initial_step: int,
-                 total_steps: int, epochs: int, log_every: int, quiet: bool) -> None:
+                 total_steps: int, epochs: int, log_every: int, quiet: bool, train_seconds: float = 0.0) -> None:
         self.accelerator = accelerator
         self.file = MetricsFile(path, resume_step) if accelerator.is_main_process else None
         self.progress = Progress(total_steps, initial_step, accelerator.is_main_process, quiet, log_every)
@@ -60,12 +59,12 @@ class MetricLogger:
         # [loss sum, finite batches] of this process, on the device: since the last step record, and this epoch
         self.window = torch.zeros(2, device=accelerator.device)
         self.epoch_totals = torch.zeros(2, device=accelerator.device)
-        self._window_start()
+        self._window_start(train_seconds)
 
-    def _window_start(self) -> None:
+    def _window_start(self, train_seconds: float) -> None:
         self.window.zero_()
         self.images = 0  # images trained on in the window, over all processes
-        self.start = time.perf_counter()
+        self.start = train_seconds  # the run's training seconds when the window began
 
     def batch(self, loss: torch.Tensor, finite: torch.Tensor | bool, images: int) -> None:
         """Count one micro-batch: its loss (left out when not finite) and its images on every process."""
@@ -81,17 +80,25 @@ class MetricLogger:
         self.epoch_totals.zero_()
         return total / max(batches, 1)
 
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` gets a step record: every `log_every` steps and the last."""
+        return step % self.log_every == 0 or step == self.total_steps
+
     def step(self, step: int, epoch: int, lr: float, train_seconds: float) -> None:
-        """After optimizer step `step`: write a step record every `log_every` steps and at the last."""
-        if step % self.log_every and step != self.total_steps:
+        """After optimizer step `step`: write a step record when one is due.
+
+        `train_seconds` is the run's training time so far (data and steps, not evaluation or checkpoint
+        writes), so images/s is the training throughput even across an epoch's end.
+        """
+        if not self.due(step):
             return
         mean_loss = self.accelerator.reduce(self.window[0] / self.window[1].clamp(min=1), "mean").item()
-        images_per_s = self.images / (time.perf_counter() - self.start)
+        images_per_s = self.images / max(train_seconds - self.start, 1e-9)
         record = {"kind": "step", "step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                   "images_per_s": images_per_s, "train_seconds": round(train_seconds, 3)}
         self._write(record, step, ("loss", "lr", "images_per_s"))
         self.progress.step(step, epoch, self.epochs, mean_loss, lr, images_per_s)
-        self._window_start()
+        self._window_start(train_seconds)
 
     def epoch(self, record: dict[str, Any]) -> None:
         """An end-of-epoch record (see the module docstring), plus a line for people."""

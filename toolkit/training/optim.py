@@ -35,8 +35,19 @@ class LRSchedule:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
+    """SGD, fused: one kernel per step on CPU and GPU, and able to skip a step on the device when told
+    `found_inf` (see `toolkit.training.train.train_step`).
+
+    The momentum buffers start as zeros rather than being created at the first step: the update is
+    identical (0 · momentum + gradient = gradient), and a first step skipped on the device cannot
+    leave them uninitialized (the fused kernel allocates them with `empty_like` before it skips).
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay, fused=True)
+    if cfg.momentum:
+        for p in model.parameters():
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:

@@ -76,6 +76,7 @@ class RunInfo:
     global_batch_size: int  # images per optimizer step over all processes
     steps_per_epoch: int  # optimizer steps
     total_steps: int  # optimizer steps of the whole run (--epochs, capped by --max-steps)
+    compile_mode: str | None  # torch.compile mode of the training forward (--compile), None when not compiled
     data: DataInfo
     versions: dict[str, str]
 

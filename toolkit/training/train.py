@@ -4,6 +4,22 @@ The same code runs on CPU, one GPU, or N processes under `accelerate launch`: Ac
 the data (`prepare`), averages gradients (`backward`), gathers predictions exactly
 (`gather_for_metrics`) and picks the process that writes (`is_main_process`). Nothing here reads
 a rank or world size by hand.
+
+The steady-state step never waits for the device. On a GPU a step of this small net takes well
+under a millisecond, so a host read per step (`loss.item()`, `bool(flag)`) would cost more than
+the step itself. Instead:
+
+- the training data lives on the device (`make_loader(device=...)`) and batches are cut and
+  augmented there;
+- losses are summed on the device and read only when a metrics record is written (`MetricLogger`);
+- a step whose gradients are not finite changes no weights, decided on the device: the fused SGD
+  kernel skips the update when told `found_inf`, as GradScaler does for fp16 (`train_step`). A
+  non-finite loss on any process gives non-finite gradients on every process after the gradient
+  all-reduce, so all processes skip the same steps without talking to each other;
+- what the host must act on (a non-finite loss: stop or count a skip; a stop signal: checkpoint and
+  exit) is recorded on the device per step and read every `CHECK_EVERY` steps, before every
+  checkpoint and at every epoch end, with one all-reduce so that every process takes the same branch
+  (`StepFlags`). A stop signal is therefore honoured within `CHECK_EVERY` steps.
 """
 
 from __future__ import annotations
@@ -43,19 +59,24 @@ class TrainResult:
     evaluation: EvalResult
 
 
+CHECK_EVERY = 16  # optimizer steps between host reads of the step flags (see StepFlags)
+
+
 @dataclass
 class Loop:
     """Everything a training step needs, built once by `train` and passed to `train_one_epoch`."""
 
     cfg: TrainConfig
     accelerator: Accelerator
-    model: nn.Module
+    model: nn.Module  # prepared by Accelerate; evaluated, checkpointed and saved
+    forward: nn.Module  # what the training step calls: `model`, or `torch.compile(model)` with --compile
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
     loss_fn: nn.Module
     train_dl: torch.utils.data.DataLoader
     run_dir: Path
     total_steps: int
+    compile_mode: str | None  # torch.compile mode, None without --compile
     state: TrainState = field(default_factory=TrainState)
 
     @property
@@ -65,6 +86,37 @@ class Loop:
     def checkpoint(self) -> None:
         save_checkpoint(self.accelerator, self.run_dir / CHECKPOINTS, self.state, self.model, self.optimizer,
                         self.scheduler, self.cfg.keep_checkpoints)
+
+
+class StepFlags:
+    """What the host learns about recent steps, read every `CHECK_EVERY` steps instead of after each one.
+
+    `bad[i]` is 1 on the device where optimizer step `first + i + 1` had a non-finite loss on this
+    process; the last slot carries this process's stop request into the read. A read is one
+    all-reduce (sum) of the vector, so every process sees the same steps and the same stop request.
+    """
+
+    def __init__(self, device: torch.device, first: int) -> None:
+        self.flags = torch.zeros(CHECK_EVERY + 1, device=device)
+        self.first = first  # global step before slot 0
+
+    def record(self, loss: torch.Tensor, global_step: int) -> None:
+        """Mark the step under way (the one after `global_step`) if `loss` is not finite; no host read."""
+        slot = self.flags[global_step - self.first: global_step - self.first + 1]
+        torch.maximum(slot, (~torch.isfinite(loss)).float().reshape(1), out=slot)
+
+    def due(self, global_step: int) -> bool:
+        return global_step - self.first >= CHECK_EVERY
+
+    def read(self, accelerator: Accelerator, stop_requested: bool, global_step: int) -> tuple[list[int], bool]:
+        """(the steps up to `global_step` whose loss was not finite on some process, whether some process
+        was asked to stop); then start a new window after `global_step`."""
+        self.flags[-1] = float(stop_requested)
+        flags = accelerator.reduce(self.flags, "sum").tolist()  # the only host-device sync of the window
+        bad = [self.first + i + 1 for i, v in enumerate(flags[:-1]) if v > 0]
+        self.flags.zero_()
+        self.first = global_step
+        return bad, flags[-1] > 0
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -82,8 +134,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     splits = load_splits(cfg.data)
     eval_split, eval_note = splits.held_out("test")
     loop = build_loop(cfg, accelerator, run_dir, splits)
-    eval_dl = accelerator.prepare(make_loader(eval_split, cfg.eval_batch_size, shuffle=False))
-    val_dl = accelerator.prepare(make_loader(splits.val, cfg.eval_batch_size, shuffle=False)) if len(splits.val) else None
+    eval_dl = accelerator.prepare(make_loader(eval_split, cfg.eval_batch_size, shuffle=False, device=accelerator.device))
+    val_dl = accelerator.prepare(make_loader(splits.val, cfg.eval_batch_size, shuffle=False,
+                                             device=accelerator.device)) if len(splits.val) else None
     if resume_from is not None:
         loop.state = load_checkpoint(accelerator, resume_from, loop.model, loop.optimizer, loop.scheduler)
         accelerator.print(f"resumed from {resume_from} at step {loop.state.global_step} "
@@ -93,7 +146,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         record.write(run_dir)
     _announce(loop, record, len(eval_split))
     logger = MetricLogger(accelerator, run_dir / METRICS, loop.state.global_step if cfg.resume else None,
-                          loop.state.global_step, loop.total_steps, cfg.epochs, cfg.log_every, cfg.quiet)
+                          loop.state.global_step, loop.total_steps, cfg.epochs, cfg.log_every, cfg.quiet,
+                          loop.state.train_seconds)
     with GracefulStop() as stop:
         while loop.state.epoch < cfg.epochs and not loop.done:
             train_one_epoch(loop, logger, stop)
@@ -106,16 +160,22 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def build_loop(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, splits: Splits) -> Loop:
-    """Model, optimizer and training loader, prepared; the LR schedule over the run's optimizer steps."""
+    """Model, optimizer and training loader (its images on the device), prepared; the LR schedule over
+    the run's optimizer steps; the compiled forward with --compile."""
     model = build_model(cfg.model, len(splits.train.classes))
     optimizer = build_optimizer(model, cfg.optim)
-    train_dl = make_loader(splits.train, cfg.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed)
+    train_dl = make_loader(splits.train, cfg.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,
+                           device=accelerator.device)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     steps_per_epoch = math.ceil(len(train_dl) / cfg.optim.grad_accum_steps)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
     scheduler = build_scheduler(optimizer.optimizer, cfg.optim, total_steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    return Loop(cfg, accelerator, model, optimizer, scheduler, loss_fn, train_dl, run_dir, total_steps)
+    # CUDA graphs replay a whole forward/backward with one launch: on a GPU this net is launch-bound.
+    compile_mode = ("reduce-overhead" if accelerator.device.type == "cuda" else "default") if cfg.compile else None
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+    return Loop(cfg, accelerator, model, forward, optimizer, scheduler, loss_fn, train_dl, run_dir, total_steps,
+                compile_mode)
 
 
 def run_info(loop: Loop, splits: Splits, eval_split: str, eval_note: str | None) -> RunInfo:
@@ -129,6 +189,7 @@ def run_info(loop: Loop, splits: Splits, eval_split: str, eval_note: str | None)
         global_batch_size=cfg.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps,
         steps_per_epoch=math.ceil(len(loop.train_dl) / cfg.optim.grad_accum_steps),
         total_steps=loop.total_steps,
+        compile_mode=loop.compile_mode,
         data=DataInfo(splits.source, splits.train.classes, len(splits.train), len(splits.val), eval_split, eval_note),
         versions=versions())
 
@@ -174,77 +235,89 @@ def _finish(loop: Loop, eval_dl, classes: list[str], split: str) -> EvalResult:
     return result
 
 
-@dataclass
-class StepResult:
-    loss: torch.Tensor
-    nonfinite: bool  # some process saw a non-finite loss; no process updated the weights
-    stop: bool  # some process received SIGTERM/SIGINT
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer, loss_fn: nn.Module,
+               accelerator: Accelerator) -> torch.Tensor:
+    """Forward, backward and, on accumulation boundaries, an optimizer step; returns the loss, on the device.
 
-
-def train_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer, loss_fn, accelerator: Accelerator,
-               stop_requested: bool = False) -> StepResult:
-    """Forward, a cross-process check, then backward and (on accumulation boundaries) an optimizer step.
-
-    The check is one all-reduce of two flags, so every process takes the same branch: skipping a
-    backward on one rank only would deadlock the gradient all-reduce of the others.
+    Nothing here reads a value back to the host. On a boundary, a step whose gradients are not all
+    finite is skipped by the fused SGD kernel itself (`found_inf`): no weight, momentum or decay
+    changes. With fp16, Accelerate's GradScaler makes that same check on the scaled gradients (and
+    lowers the scale); otherwise it is made here. Gradients are identical on every process after
+    the all-reduce, so every process skips the same steps.
     """
     with accelerator.accumulate(model):
         logits = model(images)  # prepare() wrapped forward in autocast for bf16/fp16
         loss = loss_fn(logits.float(), labels)  # the loss in fp32 whatever the autocast dtype
-        flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop_requested)], device=accelerator.device)
-        flags = accelerator.reduce(flags, "sum")
-        nonfinite, stop = bool(flags[0] > 0), bool(flags[1] > 0)
-        if nonfinite:
-            optimizer.zero_grad(set_to_none=True)  # drop this batch and anything accumulated with it
-        else:
-            accelerator.backward(loss)
-            optimizer.step()  # a no-op between accumulation boundaries
-            optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss.detach(), nonfinite, stop)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and accelerator.scaler is None:
+            _skip_if_not_finite(optimizer.optimizer)
+        optimizer.step()  # a no-op between accumulation boundaries
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _skip_if_not_finite(optimizer: torch.optim.Optimizer) -> None:
+    """Tell the fused optimizer, on the device, whether any gradient is NaN or inf (it then skips the step)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    found_inf = torch.zeros((), device=grads[0].device)
+    # GradScaler's own check (one fused kernel); "unscaling" by 1 leaves the gradients as they are.
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones((), device=found_inf.device))
+    optimizer.found_inf = found_inf
 
 
 def train_one_epoch(loop: Loop, logger: MetricLogger, stop: GracefulStop) -> None:
     """One pass over the training loader, resumed mid-epoch when a checkpoint says so.
 
     Raises `DivergenceError` on a non-finite loss (unless skipping is allowed) and `Interrupted`
-    after checkpointing when a stop signal arrived.
+    after checkpointing when a stop signal arrived; both are acted on at the next flag check.
     """
     cfg, state, accelerator = loop.cfg, loop.state, loop.accelerator
     loop.train_dl.set_epoch(state.epoch)  # data order and augmentation from (seed, epoch)
     loop.train_dl.dataset.set_epoch(state.epoch)
     batches: Iterable = accelerator.skip_first_batches(loop.train_dl, state.batches_done) \
         if state.batches_done else loop.train_dl
+    flags = StepFlags(accelerator.device, state.global_step)
+    clock = time.perf_counter()  # training time (data and steps) runs from here; checkpoint writes pause it
     loop.model.train()
     for images, labels in batches:
-        step_start = time.perf_counter()
-        result = train_step(loop.model, images, labels, loop.optimizer, loop.loss_fn, accelerator, stop.requested)
+        if loop.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse their outputs
+        loss = train_step(loop.forward, images, labels, loop.optimizer, loop.loss_fn, accelerator)
+        flags.record(loss, state.global_step)
+        logger.batch(loss, torch.isfinite(loss), len(labels))
         state.batches_done += 1
-        if result.nonfinite:
-            _skip_or_stop(loop, logger)
-        logger.batch(result.loss, not result.nonfinite, len(labels))
-        state.train_seconds += time.perf_counter() - step_start
         if not accelerator.sync_gradients:
             continue
         loop.scheduler.step()
         state.global_step += 1
-        logger.step(state.global_step, state.epoch + 1, loop.scheduler.get_last_lr()[0], state.train_seconds)
-        if result.stop:
+        checkpoint_due = bool(cfg.checkpoint_every) and state.global_step % cfg.checkpoint_every == 0
+        if not (flags.due(state.global_step) or checkpoint_due or logger.due(state.global_step) or loop.done
+                or state.batches_done == len(loop.train_dl)):
+            continue
+        bad_steps, stop_requested = flags.read(accelerator, stop.requested, state.global_step)
+        now = time.perf_counter()  # after the read: the device has finished every step so far
+        state.train_seconds += now - clock
+        _skip_or_stop(loop, bad_steps, logger)
+        if checkpoint_due or stop_requested:
             loop.checkpoint()
+            now = time.perf_counter()
+        if stop_requested:
             raise Interrupted(f"stopped by signal after step {state.global_step}; checkpoint written. "
                               f"Continue with: --resume latest --output-dir <this run>")
-        if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
-            loop.checkpoint()
+        clock = now
+        logger.step(state.global_step, state.epoch + 1, loop.scheduler.get_last_lr()[0], state.train_seconds)
         if loop.done:
             break
 
 
-def _skip_or_stop(loop: Loop, logger: MetricLogger) -> None:
-    """A non-finite loss (no process updated the weights): stop naming the step, or skip the batch."""
+def _skip_or_stop(loop: Loop, bad_steps: list[int], logger: MetricLogger) -> None:
+    """Steps with a non-finite loss (they changed no weights): stop naming the first, or count them as skipped."""
     cfg, state = loop.cfg, loop.state
-    where = f"step {state.global_step + 1} (epoch {state.epoch + 1}, batch {state.batches_done})"
-    if cfg.on_nan == "stop" or state.nan_skips >= cfg.max_nan_skips:
-        raise DivergenceError(f"non-finite loss at {where}; weights were not updated. "
-                              + ("Lower --lr, or pass --on-nan skip" if cfg.on_nan == "stop" else
-                                 f"--max-nan-skips {cfg.max_nan_skips} exhausted"))
-    state.nan_skips += 1
-    logger.note(f"warning: non-finite loss at {where}: batch skipped ({state.nan_skips}/{cfg.max_nan_skips})")
+    for step in bad_steps:
+        where = f"step {step} (epoch {state.epoch + 1})"
+        if cfg.on_nan == "stop" or state.nan_skips >= cfg.max_nan_skips:
+            raise DivergenceError(f"non-finite loss at {where}; weights were not updated. "
+                                  + ("Lower --lr, or pass --on-nan skip" if cfg.on_nan == "stop" else
+                                     f"--max-nan-skips {cfg.max_nan_skips} exhausted"))
+        state.nan_skips += 1
+        logger.note(f"warning: non-finite loss at {where}: batch skipped ({state.nan_skips}/{cfg.max_nan_skips})")

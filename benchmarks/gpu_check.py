@@ -1,0 +1,190 @@
+"""`make gpu-check OUT=DIR DATA_DIR=...`: what a reviewer runs on a lent GPU machine, in about 6 minutes.
+
+The machine is offline and comes with torch, accelerate, onnx, onnxruntime, pytest and pytest-benchmark;
+the toolkit is installed with `pip install --no-deps --no-build-isolation -e .`. Steps, each recorded
+with the command that ran it:
+
+1. `pytest -m gpu tests benchmarks`: the GPU tests (batches cut on the device equal the CPU's, no host
+   sync in the steady-state step, bit-exact resumes with --deterministic, fp16 loss-scale resume,
+   --compile with CUDA graphs) and the GPU benchmarks (train_step per precision; inference of every
+   format on the GPU, ONNX Runtime's CUDA provider when installed). Timings in DIR/gpu-bench.json.
+2. End-to-end training throughput from the epoch loop (data on the device, augmentation, step,
+   logging, per-epoch validation and checkpoints excluded): `toolkit train --recipe fast` on the real
+   data for a few epochs per precision (fp32, bf16, fp16) at batch 128 and 1024, plus --compile at
+   batch 1024. images/s is the median of the trainer's own metrics.jsonl windows after the first epoch
+   (warm-up, compilation).
+3. Time to accuracy of the large-batch GPU recipe: `toolkit train --recipe gpu`, validation accuracy
+   after every epoch against training seconds.
+
+Writes DIR/gpu-check.json (every figure with its command) and DIR/gpu-check.md (the tables for the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolkit.training.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+THROUGHPUT_CASES = [(p, b, False) for b in (128, 1024) for p in ("no", "bf16", "fp16")] + [("no", 1024, True)]
+THROUGHPUT_EPOCHS = 3
+LOG_WINDOWS_PER_EPOCH = 4
+TARGET_ACCURACY = 0.70
+
+
+def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, float]:
+    """Run `cmd` from the repository root, its output into `log`; (exit code, wall seconds)."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, time.perf_counter() - start
+
+
+def _train(out: Path, name: str, data: list[str], args: list[str], timeout: float) -> dict[str, Any]:
+    run = out / "runs" / name
+    cmd = [sys.executable, "-m", "toolkit", "train", *data, *args, "--quiet", "--output-dir", str(run), "--overwrite"]
+    rc, wall = _run(cmd, out / f"{name}.log", timeout)
+    records = read_metrics(run) if rc == 0 else []
+    return {"command": " ".join(["toolkit", *cmd[3:]]).replace(str(out), "OUT"), "exit_code": rc,
+            "wall_s": round(wall, 1), "records": records,
+            "config": json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else None}
+
+
+def throughput(out: Path, data: list[str], steps_per_epoch: dict[int, int]) -> list[dict[str, Any]]:
+    rows = []
+    for precision, batch, compiled in THROUGHPUT_CASES:
+        name = f"throughput-{precision}-b{batch}" + ("-compile" if compiled else "")
+        log_every = max(1, steps_per_epoch[batch] // LOG_WINDOWS_PER_EPOCH)
+        args = ["--recipe", "fast", "--epochs", str(THROUGHPUT_EPOCHS), "--batch-size", str(batch),
+                "--mixed-precision", precision, "--log-every", str(log_every)] + (["--compile"] if compiled else [])
+        result = _train(out, name, data, args, timeout=300)
+        steps = [r for r in result.pop("records") if r["kind"] == "step" and r["epoch"] > 1]
+        speed = statistics.median(r["images_per_s"] for r in steps) if steps else None
+        rows.append({"precision": "fp32" if precision == "no" else precision, "batch": batch, "compile": compiled,
+                     "images_per_s": speed, "step_ms": 1e3 * batch / speed if speed else None,
+                     "windows": len(steps), **{k: result[k] for k in ("command", "exit_code", "wall_s")}})
+        print(f"gpu-check: {name}: {speed and round(speed):,} images/s (exit {result['exit_code']})", flush=True)
+    return rows
+
+
+def time_to_accuracy(out: Path, data: list[str]) -> dict[str, Any]:
+    result = _train(out, "recipe-gpu", data, ["--recipe", "gpu", "--log-every", "1000000"], timeout=600)
+    epochs = [r for r in result.pop("records") if r["kind"] == "epoch"]
+    reached = next((r for r in epochs if (r["val_accuracy"] or 0) >= TARGET_ACCURACY), None)
+    final = epochs[-1] if epochs else None
+    return {**{k: result[k] for k in ("command", "exit_code", "wall_s")},
+            "epochs": len(epochs), "final_val_accuracy": final and final["val_accuracy"],
+            "train_seconds": final and final["train_seconds"],
+            "seconds_to_target": reached and reached["train_seconds"], "target": TARGET_ACCURACY,
+            "curve": [[r["epoch"], r["train_seconds"], r["val_accuracy"]] for r in epochs]}
+
+
+def gpu_tests(out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "benchmarks", "-q", "-p", "no:cacheprovider",
+           "--benchmark-enable", f"--benchmark-json={out / 'gpu-bench.json'}", "-rs"]
+    rc, wall = _run(cmd, out / "gpu-tests.log", timeout=420)
+    tail = (out / "gpu-tests.log").read_text().strip().splitlines()[-1:] or [""]
+    bench = []
+    if (out / "gpu-bench.json").is_file():
+        for b in json.loads((out / "gpu-bench.json").read_text())["benchmarks"]:
+            info = b.get("extra_info", {})
+            if info.get("kind") in ("inference", "train_step"):
+                median = b["stats"]["median"]
+                bench.append({"kind": info["kind"], "label": info.get("label") or info.get("backend"),
+                              "backend": info.get("backend"), "batch": info.get("batch"),
+                              "precision": info.get("precision"), "median_ms": 1e3 * median,
+                              "images_per_s": info.get("batch", 0) / median if median else None})
+    return {"command": "pytest -m gpu tests benchmarks --benchmark-enable", "exit_code": rc, "wall_s": round(wall, 1),
+            "summary": tail[0], "benchmarks": bench}
+
+
+def _number(x: float | None, digits: int = 0) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [f"GPU check of {report['date']}: {env['gpu']}, {env['cpus']} CPU cores; torch {env['torch']} "
+             f"(CUDA {env['cuda']}), onnxruntime {env['onnxruntime']} (providers: {', '.join(env['ort_providers'])}); "
+             f"data: {report['data']}. Total {report['wall_s']:.0f} s.", ""]
+    tests = report["gpu_tests"]
+    lines += [f"`{tests['command']}`: {tests['summary']} (exit {tests['exit_code']}, {tests['wall_s']:.0f} s)", ""]
+    lines += ["| training (`toolkit train --recipe fast`, epochs 2-3) | batch | images/s | ms per step |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['precision']}{' + --compile' if r['compile'] else ''} | {r['batch']} | "
+              f"{_number(r['images_per_s'])} | {_number(r['step_ms'], 3)} |" for r in report["throughput"]]
+    tta = report["time_to_accuracy"]
+    lines += ["", f"`{tta['command']}`: {tta['epochs']} epochs, final validation accuracy "
+                  f"{_number(100 * tta['final_val_accuracy'] if tta['final_val_accuracy'] is not None else None, 1)} % "
+                  f"after {_number(tta['train_seconds'], 1)} s of training; {100 * tta['target']:.0f} % reached after "
+                  f"{_number(tta['seconds_to_target'], 1)} s.", ""]
+    bench = tests["benchmarks"]
+    if bench:
+        lines += ["| benchmark | batch | median ms | images/s |", "|---|---|---|---|"]
+        lines += [f"| {b['label']} | {b['batch']} | {b['median_ms']:.3f} | {_number(b['images_per_s'])} |" for b in bench]
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict[str, Any]:
+    import onnxruntime
+
+    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU",
+            "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "onnxruntime": onnxruntime.__version__, "ort_providers": onnxruntime.get_available_providers(),
+            "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu-check.md, gpu-check.json and logs")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="CIFAR-10 image folders (train/<class>/...) or torchvision's cifar-10-batches-py; "
+                             "synthetic images when not given")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu-check: error: no CUDA GPU visible (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.data_dir is None:
+        data, described = ["--data", "synthetic", "--synthetic-train-size", "50000"], "synthetic (no DATA_DIR)"
+        train_images = 45_000
+    else:
+        kind = "cifar10" if (args.data_dir / "cifar-10-batches-py").is_dir() else "imagefolder"
+        data, described, train_images = ["--data", kind, "--data-dir", str(args.data_dir.resolve())], \
+            f"{kind} {args.data_dir}", 45_000
+    start = time.perf_counter()
+    report: dict[str, Any] = {"date": _dt.date.today().isoformat(), "environment": environment(), "data": described}
+    report["gpu_tests"] = gpu_tests(out)  # first: it also decodes the data into the cache for the runs below
+    steps = {b: -(-train_images // b) for b in (128, 1024)}
+    report["throughput"] = throughput(out, data, steps)
+    report["time_to_accuracy"] = time_to_accuracy(out, data)
+    report["wall_s"] = time.perf_counter() - start
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "gpu-check.md").write_text(markdown(report))
+    print(markdown(report))
+    failed = [step for step in ("gpu_tests", "time_to_accuracy") if report[step]["exit_code"] != 0] + \
+        [f"throughput {r['precision']} b{r['batch']}" for r in report["throughput"] if r["exit_code"] != 0]
+    if failed:
+        print(f"gpu-check: error: failed: {', '.join(failed)} (logs in {out})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
