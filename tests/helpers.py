@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +64,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch_cmd(config: str, *args: str) -> list[str]:
-    """`accelerate launch --config_file launch/CONFIG -m toolkit ARGS` on a free port."""
+def accelerate_launch_cmd(config: str, *args: str, launch: Sequence[str] = (), port: int | None = None) -> list[str]:
+    """`accelerate launch --config_file launch/CONFIG LAUNCH -m toolkit ARGS` on `port` (default: a free one)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / config),
-            "--main_process_port", str(free_port()), "-m", "toolkit", *args]
+            "--main_process_port", str(port or free_port()), *launch, "-m", "toolkit", *args]
 
 
 # Launched CPU processes: one thread each, and on the CPU even where a GPU is visible (two ranks on one
@@ -75,9 +75,10 @@ def accelerate_launch_cmd(config: str, *args: str) -> list[str]:
 CPU_LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 
 
-def accelerate_launch(config: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(accelerate_launch_cmd(config, *args), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **CPU_LAUNCH_ENV})
+def accelerate_launch(config: str, *args: str, launch: Sequence[str] = (), timeout: float = 300
+                      ) -> subprocess.CompletedProcess:
+    return subprocess.run(accelerate_launch_cmd(config, *args, launch=launch), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **CPU_LAUNCH_ENV})
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -20,9 +20,10 @@ from tests.helpers import ROOT
 PACKAGE = ROOT / "toolkit"
 # Each layer may import the layers before it, never one after it.
 LAYERS = ("core", "training", "artifacts", "apps")
-# Modules that must import without torch: the command line, and serving an ONNX model.
+# Modules that must import without torch: the command line, serving an ONNX model, and `toolkit status`.
 TORCH_FREE = ("toolkit.apps.cli", "toolkit.apps.predict", "toolkit.artifacts.backends",
-              "toolkit.artifacts.onnx_runtime", "toolkit.training.config", "toolkit.core.images")
+              "toolkit.artifacts.onnx_runtime", "toolkit.training.config", "toolkit.training.status",
+              "toolkit.core.images")
 
 
 def modules() -> dict[str, Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -119,7 +120,8 @@ def test_an_export_folder_of_another_run_is_refused_before_training(done, tmp_pa
 
 
 def test_a_failed_verification_still_writes_the_report(done, tmp_path, monkeypatch, capsys):
-    """Training is replaced by a copy of the finished run; the ONNX runtime's logits are shifted."""
+    """Training (and its hold on the run folder) is replaced by a copy of the finished run; the ONNX runtime's
+    logits are shifted."""
     from toolkit.apps import pipeline
     from toolkit.artifacts.onnx_runtime import OnnxRuntimeBackend
     from toolkit.training.evaluate import EvalResult
@@ -129,7 +131,8 @@ def test_a_failed_verification_still_writes_the_report(done, tmp_path, monkeypat
     run = tmp_path / "tiny"
     shutil.copytree(done.run, run, ignore=shutil.ignore_patterns("report.md", "verify.json", "plots"))
     finished = TrainResult(run, RunRecord.read(run), EvalResult.read(run / "eval.json"))
-    monkeypatch.setattr(pipeline, "train", lambda cfg: finished)
+    monkeypatch.setattr(pipeline, "open_run", lambda cfg, command: contextlib.nullcontext())
+    monkeypatch.setattr(pipeline, "train", lambda cfg, session: finished)
     shifted = OnnxRuntimeBackend._run
     monkeypatch.setattr(OnnxRuntimeBackend, "_run", lambda self, batch: shifted(self, batch) + 0.5)
     with pytest.raises(VerificationError, match="onnx"):

@@ -1,9 +1,12 @@
 import argparse
+import json
 
 import pytest
 
+from tests.helpers import assert_clean_error, cli
 from toolkit.apps.cli import build_parser
-from toolkit.training.config import RECIPES, TrainConfig, build_train_config, leaf_fields, train_config_from_dict
+from toolkit.training.config import (RECIPES, TrainConfig, build_train_config, leaf_fields, read_config_file,
+                                     train_config_from_dict)
 from toolkit.core.errors import ConfigError
 
 
@@ -55,3 +58,50 @@ def test_every_config_field_is_a_train_flag():
     assert (args.lr, args.augment, args.data) == (0.5, False, "synthetic")
     assert not hasattr(args, "batch_size")  # not given: left to the recipe
     assert isinstance(TrainConfig(), TrainConfig)
+
+
+def test_config_file_precedence_is_default_recipe_file_flag(tmp_path):
+    """Flat or grouped keys; the file's recipe supplies what the file does not say; flags win over the file."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("recipe: fast\nlr: 1e-3\nbatch_size: 64\noptim:\n  momentum: 0.8\ndata: synthetic\n")
+    values = read_config_file(path)
+    assert values == {"recipe": "fast", "lr": 0.001, "batch_size": 64, "momentum": 0.8, "data": "synthetic"}
+    cfg = build_train_config(values, {"batch_size": 32})
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.batch_size, cfg.data.data) == (0.001, 0.8, 32, "synthetic")
+    assert cfg.epochs == RECIPES["fast"]["epochs"] and cfg.optim.weight_decay == RECIPES["fast"]["weight_decay"]
+    assert build_train_config(values, {"recipe": "seed"}).optim.weight_decay == 0.0  # flag recipe, file values
+
+
+def test_a_runs_config_json_is_accepted_as_it_is(tmp_path):
+    """`runtime` is what the run had, and `resume`/`overwrite` act on one folder: all three are ignored."""
+    cfg = build_train_config({"recipe": "seed", "lr": 5e-05, "data": "synthetic", "mixed_precision": "bf16",
+                              "output_dir": "runs/x", "resume": "latest"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**cfg.to_dict(), "overwrite": True, "runtime": {"num_processes": 2}}))
+    repeated = build_train_config(read_config_file(path), {"output_dir": "runs/y"})
+    assert repeated == build_train_config({**cfg.flat(), "resume": None, "output_dir": "runs/y"})
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("lrr: 0.1\n", ["unknown key 'lrr'"]),
+    ("optim:\n  batch_size: 4\n", ["unknown key 'optim.batch_size'"]),
+    ("optim: 0.1\n", ["key 'optim' must be a mapping"]),
+    ("batch_size: many\n", ["key 'batch_size' must be int", "'many'"]),
+    ("augment: 1\n", ["key 'augment' must be bool"]),
+    ("epochs: 2.5\n", ["key 'epochs' must be int"]),
+    ("lr: [0.1]\n", ["key 'lr' must be float"]),
+    ("[1, 2]\n", ["expected a mapping of config keys, got list"]),
+    ("lr: [0.1\n", ["not valid YAML"]),
+])
+def test_bad_config_files_name_the_key(tmp_path, capsys, text, fragments):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert_clean_error(cli(capsys, "train", "--config", path), f"--config {path}", *fragments)
+
+
+def test_missing_or_malformed_json_config_files_are_one_line_errors(tmp_path, capsys):
+    assert_clean_error(cli(capsys, "train", "--config", tmp_path / "nope.yaml"), "nope.yaml: cannot read")
+    (tmp_path / "c.json").write_text("{'lr': 0.1}")
+    assert_clean_error(cli(capsys, "run", "--config", tmp_path / "c.json"), "c.json: not valid JSON")
+    (tmp_path / "c.json").write_text('{"lr": -1}')
+    assert_clean_error(cli(capsys, "train", "--config", tmp_path / "c.json"), "--lr: must be > 0")

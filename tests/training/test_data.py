@@ -140,3 +140,17 @@ def test_unreadable_image_names_the_file(tmp_path):
 def test_missing_cifar10_offline_says_how_to_point_at_a_copy(tmp_path):
     with pytest.raises(DataError, match="--data-dir"):
         load_splits(DataConfig(data="cifar10", data_dir=str(tmp_path / "nothing"), download=False))
+
+
+def test_damaged_cifar10_names_the_file_that_fails_the_integrity_check(tmp_path):
+    """Every file present but one, none with torchvision's MD5 (a re-packed copy, an interrupted download)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "batches.meta"):
+        (folder / name).write_bytes(b"not the original bytes")
+    with pytest.raises(DataError) as caught:
+        load_splits(DataConfig(data="cifar10", data_dir=str(tmp_path), download=False))
+    message = str(caught.value)
+    assert f"{folder} fails torchvision's integrity check" in message
+    assert "data_batch_2 (corrupt)" in message and "test_batch (missing)" in message
+    assert f"Delete {folder}" in message and "not found" not in message

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, assert_ok, run_cli, weights
+from tests.helpers import ROOT, TINY, assert_clean_error, assert_ok, run_cli, weights
 from toolkit.training.checkpoint import list_checkpoints
+from toolkit.training.signals import GracefulStop
 from toolkit.core.errors import Interrupted
 
 # 2,000 images at batch 8: 250 steps per epoch, 2 epochs; a checkpoint every 7 steps.
@@ -111,6 +113,9 @@ def test_sigterm_checkpoints_and_exits_with_distinct_code(tmp_path, reference):
     assert "stopped by signal after step" in err and "Traceback" not in err
     stopped_at = int(err.split("stopped by signal after step ")[1].split(";")[0])
     assert list_checkpoints(run / "checkpoints")[-1].name == f"step_{stopped_at}"
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["step"], status["exit_code"]) == ("interrupted", stopped_at, 75)
+    assert status["holder"]["pid"] == proc.pid and "--resume latest" in status["message"]
     assert_ok(run_cli("train", *ARGS, "--output-dir", str(run), "--resume", "latest"))
     _assert_same(reference, weights(run / "model.safetensors"))
 
@@ -134,6 +139,9 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     proc = run_cli("train", *TINY, "--epochs", "1", "--batch-size", "32", "--lr", "1e5",
                    "--output-dir", str(tmp_path / "run"))
     assert proc.returncode == 4 and "non-finite loss at step" in proc.stderr and "Traceback" not in proc.stderr
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("diverged", 4)
+    assert status["message"].startswith(f"non-finite loss at step {status['step'] + 1} ")
     proc = run_cli("train", *TINY, "--epochs", "1", "--batch-size", "32", "--lr", "1e5", "--on-nan", "skip",
                    "--max-nan-skips", "2", "--output-dir", str(tmp_path / "run2"))
     assert proc.returncode == 4 and "--max-nan-skips 2 exhausted" in proc.stderr
@@ -207,6 +215,64 @@ def test_killed_rank_ends_the_job_and_it_resumes(tmp_path):
     assert json.loads((run / "eval.json").read_text())["n"] == 100
 
 
+def test_sigusr1_under_the_launcher_checkpoints_once_though_delivered_twice(tmp_path):
+    """SLURM's `--signal=USR1@T` reaches every process of the job step, and torchrun's agent (told to handle
+    SIGUSR1, as launch/slurm/train.sbatch does) forwards it again: one stop, one checkpoint, status.json says
+    interrupted. The launcher's own exit code is 1; status.json keeps the 75 the run meant."""
+    import psutil
+
+    from tests.helpers import accelerate_launch_cmd
+
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(accelerate_launch_cmd("cpu-2proc.yaml", "train", *ARGS, "--output-dir", str(run)),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1",
+                                     "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"})
+    assert _wait_for(launcher, lambda: _last_step(run) >= 20, timeout=180)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "toolkit" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    for process in [launcher, *workers]:
+        process.send_signal(signal.SIGUSR1)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("interrupted", 75), err[-3000:]
+    final = list_checkpoints(run / "checkpoints")[-1]
+    assert final.name == f"step_{status['step']}"
+    assert sorted(p.name for p in final.glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
+
+
+def test_a_repeated_signal_within_a_moment_is_one_request():
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # would exit at once if counted as a second request
+        assert stop.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    """A second `toolkit train` or `toolkit run` into a folder in use fails at once naming the holder; a holder
+    killed with SIGKILL leaves status.json saying running, `toolkit status` says it is gone, and its lock
+    blocks nobody."""
+    run, long = tmp_path / "run", ["--epochs", "100"]  # runs until killed
+    first = _start(run, *long)
+    assert _wait_for(first, lambda: _last_step(run) >= 5)
+    for command in (["train"], ["run", "--export-dir", str(tmp_path / "export")]):
+        proc = run_cli(*command, *ARGS, *long, "--output-dir", str(run), "--resume", "latest")
+        assert_clean_error(proc, f"--output-dir {run} is in use by toolkit train, pid {first.pid} on "
+                                 f"{socket.gethostname()} since 20")
+    shown = run_cli("status", str(run))
+    assert shown.stdout.startswith(f"{run}: running") and "no process holds" not in shown.stdout
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    shown = run_cli("status", str(run))
+    assert shown.stdout.startswith(f"{run}: running") and f"no process holds {run / '.lock'}" in shown.stdout
+    steps = _last_step(run)
+    # The lock is free: this start gets as far as the run-folder checks, which refuse to train over the run.
+    assert_clean_error(run_cli("train", *ARGS, "--output-dir", str(run)), "already holds a run")
+    assert _last_step(run) == steps and json.loads((run / "status.json").read_text())["state"] == "running"
+
+
 def test_unrestorable_rng_state_is_an_error_not_a_silent_divergence(tmp_path):
     """A checkpoint whose RNG file loads but cannot be applied: refuse to resume (Accelerate only logs this)."""
     import hashlib
@@ -222,3 +288,5 @@ def test_unrestorable_rng_state_is_an_error_not_a_silent_divergence(tmp_path):
                    "--output-dir", str(tmp_path / "fork"))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "cannot restore the RNG state from rng_0.pt" in proc.stderr
+    status = json.loads((tmp_path / "fork" / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("failed", 2) and "rng_0.pt" in status["message"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
-from toolkit.core.errors import CheckpointError
+from toolkit.core.errors import CheckpointError, DataError, Interrupted
 from toolkit.training.config import build_train_config
 from toolkit.training.models import build_model
-from toolkit.training.runs import (CONFIG, DataInfo, RunInfo, RunRecord, load_model, prepare_run_folder,
+from toolkit.training.runs import (CONFIG, DataInfo, RunInfo, RunRecord, RunSession, load_model, prepare_run_folder,
                                    rebuild_model, remove_run_files, save_model)
+from toolkit.training.status import RunStatus
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -93,8 +96,36 @@ def test_start_up_refuses_an_existing_run_and_overwrite_removes_only_run_files(a
     assert prepare_run_folder(build_train_config({"output_dir": str(run), "resume": "latest"}), run, accelerator) is None
 
 
+@pytest.mark.parametrize("error, state, code, message", [
+    (None, "done", 0, "finished"),
+    (Interrupted("stopped by signal after step 3"), "interrupted", 75, "stopped by signal after step 3"),
+    (DataError("--data-dir x: no such folder"), "failed", 2, "--data-dir x: no such folder"),
+    (RuntimeError("a bug\nwith details"), "failed", 1, "RuntimeError: a bug"),
+    (KeyboardInterrupt(), "failed", 130, "KeyboardInterrupt: no detail"),
+])
+def test_a_claimed_run_records_how_it_ended(accelerator, tmp_path: Path, error, state, code, message) -> None:
+    raises = pytest.raises(type(error)) if error else contextlib.nullcontext()  # the error still propagates
+    with raises, RunSession(accelerator, tmp_path, "toolkit train") as session:
+        session.claim()
+        assert RunStatus.read(tmp_path).state == "running"
+        session.follow(lambda: 3)
+        if error:
+            raise error
+    status = RunStatus.read(tmp_path)
+    assert (status.state, status.exit_code, status.message, status.step) == (state, code, message, 3)
+
+
+def test_a_start_refused_before_claiming_leaves_the_folder_alone(accelerator, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError), RunSession(accelerator, tmp_path, "toolkit train"):
+        raise CheckpointError("--output-dir: already holds a run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    with (RunSession(accelerator, tmp_path, "toolkit train"),  # the same folder twice at once: refused
+          pytest.raises(CheckpointError, match=f"in use by toolkit train, pid {os.getpid()}")):
+        RunSession(accelerator, tmp_path, "toolkit run").__enter__()
+
+
 def test_remove_run_files_leaves_everything_else(tmp_path: Path) -> None:
-    for name in ("config.json", "metrics.jsonl", "model.safetensors", "eval.json", "report.md"):
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", "eval.json", "status.json", "report.md"):
         (tmp_path / name).write_text("x")
     (tmp_path / "checkpoints" / "step_1").mkdir(parents=True)
     remove_run_files(tmp_path)

@@ -1,11 +1,15 @@
 """End-to-end runs of the real `toolkit train` CLI on tiny synthetic data."""
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import TINY, accelerate_launch, assert_clean_error, assert_ok, load_json, run_cli, weights
+from tests.helpers import (ROOT, TINY, accelerate_launch, accelerate_launch_cmd, assert_clean_error, assert_ok,
+                           free_port, load_json, run_cli, weights)
 from toolkit.training.checkpoint import list_checkpoints, verify_checkpoint
 from toolkit.training.metrics import read_metrics
 from toolkit.training.optim import LRSchedule
@@ -34,13 +38,20 @@ def test_single_process_run_writes_the_run_folder(tmp_path):
     assert [p.name for p in kept] == ["step_25", "step_26"]  # keep-last-2 of 5, 10, 13, 15, 20, 25, 26
     assert verify_checkpoint(kept[-1])["epoch"] == 2
     assert (run / "model.safetensors").exists()
+    status = load_json(run / "status.json")
+    assert (status["state"], status["step"], status["exit_code"]) == ("done", 26, 0)
+    assert status["holder"]["command"] == "toolkit train" and (run / ".lock").read_text() == ""  # released
+    shown = run_cli("status", str(run))
+    assert_ok(shown)
+    assert shown.stdout.startswith(f"{run}: done at step 26 (exit code 0)")
 
 
 def test_bf16_on_cpu_trains_and_is_recorded(tmp_path):
     run = tmp_path / "run"
     assert_ok(run_cli("train", *TINY, "--epochs", "1", "--batch-size", "50", "--lr", "0.1",
                       "--mixed-precision", "bf16", "--output-dir", str(run)))
-    assert load_json(run / "config.json")["runtime"]["mixed_precision"] == "bf16"
+    runtime = load_json(run / "config.json")["runtime"]
+    assert (runtime["mixed_precision"], runtime["mixed_precision_source"]) == ("bf16", "config")
     assert all(t.dtype == torch.float32 for t in weights(run / "model.safetensors").values())
 
 
@@ -64,13 +75,27 @@ def test_resume_is_bit_exact_across_an_epoch_boundary(tmp_path):
     assert "resumed from" in proc.stdout and "step_26" in proc.stdout
 
 
-def test_two_processes_match_one_process_with_double_batch(tmp_path):
+# 2 ranks × batch 20 against 1 rank × batch 40, and the same 2 ranks as two one-process "machines".
+PARALLEL = [*TINY, "--epochs", "2", "--lr", "0.1", "--augment", "--schedule", "cosine", "--eval-batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """A run of 2 processes on one machine (launch/cpu-2proc.yaml), batch 20 each."""
+    two = tmp_path_factory.mktemp("two") / "run"
+    assert_ok(accelerate_launch("cpu-2proc.yaml", "train", *PARALLEL, "--batch-size", "20", "--output-dir", str(two)))
+    return two
+
+
+def _max_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a / "model.safetensors"), weights(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def test_two_processes_match_one_process_with_double_batch(tmp_path, two_processes):
     """2 ranks × batch B end with the weights of 1 rank × batch 2B over the same data order."""
-    common = [*TINY, "--epochs", "2", "--lr", "0.1", "--augment", "--schedule", "cosine",
-              "--eval-batch-size", "16"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    proc = accelerate_launch("cpu-2proc.yaml", "train", *common, "--batch-size", "20", "--output-dir", str(two))
-    assert_ok(proc)
+    two, one = two_processes, tmp_path / "one"
     config = load_json(two / "config.json")["runtime"]
     assert config["num_processes"] == 2 and config["global_batch_size"] == 40
     assert config["steps_per_epoch"] == 10
@@ -79,10 +104,41 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path):
     assert sorted(p.name for p in final.glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
     # The gathered evaluation counts each of the 100 test images exactly once (7 batches of 16 per rank).
     assert load_json(two / "eval.json")["n"] == 100
-    assert_ok(run_cli("train", *common, "--batch-size", "40", "--output-dir", str(one)))
-    a, b = weights(two / "model.safetensors"), weights(one / "model.safetensors")
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert_ok(run_cli("train", *PARALLEL, "--batch-size", "40", "--output-dir", str(one)))
+    worst = _max_difference(two, one)
     assert worst < 1e-5, worst
+
+
+def test_two_machines_match_two_processes_on_one(tmp_path, two_processes):
+    """launch/multi-node.yaml for real: two `accelerate launch` "machines" on this host, one CPU process each,
+    sharing a run folder as machines share a file system, end where the 2-process run on one machine does."""
+    run, port = tmp_path / "run", free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # the CPU, even on a GPU host
+    machines = [subprocess.Popen(accelerate_launch_cmd(
+        "multi-node.yaml", "train", *PARALLEL, "--batch-size", "20", "--output-dir", str(run), port=port,
+        launch=["--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+                "--main_process_ip", "127.0.0.1"]), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for rank in (0, 1)]
+    for machine in machines:
+        _, err = machine.communicate(timeout=300)
+        assert machine.returncode == 0, err[-3000:]
+    assert load_json(run / "config.json")["runtime"]["num_processes"] == 2
+    assert load_json(run / "status.json")["state"] == "done"
+    worst = _max_difference(two_processes, run)
+    assert worst < 1e-5, worst
+
+
+def test_config_file_repeats_a_run(tmp_path):
+    """`--config runs/X/config.json --output-dir runs/Y` trains run X again; flags override the file."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert_ok(run_cli("train", *TINY, "--epochs", "1", "--batch-size", "50", "--lr", "0.05", "--augment",
+                      "--output-dir", str(first)))
+    assert_ok(run_cli("train", "--config", str(first / "config.json"), "--output-dir", str(again)))
+    a, b = load_json(first / "config.json"), load_json(again / "config.json")
+    assert {**a, "output_dir": None, "runtime": None} == {**b, "output_dir": None, "runtime": None}
+    assert _max_difference(first, again) == 0.0  # bit-identical on CPU
+    # Without --output-dir the file's own folder is named, and it already holds run X: nothing is touched.
+    assert_clean_error(run_cli("train", "--config", str(first / "config.json")), f"--output-dir {first} already holds")
 
 
 def test_lr_schedules():

@@ -1,7 +1,8 @@
 """Command line: parse, build a config, call the library. Nothing else lives here.
 
 `toolkit train` flags are generated from the config dataclasses (`toolkit.training.config.leaf_fields`),
-one flag per field. Every `ToolkitError` becomes one line on stderr and a non-zero exit code.
+one flag per field; `--config FILE` supplies values beneath them. Every `ToolkitError` becomes one
+line on stderr and a non-zero exit code (`toolkit.core.errors.exit_code`).
 
 Each command imports its module when it runs: `toolkit predict model.onnx` must start without torch.
 """
@@ -17,18 +18,20 @@ from typing import Any
 
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import DEFAULT_MAX_BATCH
-from toolkit.core.errors import ToolkitError
-from toolkit.training.config import DATA_SOURCES, HELD_OUT_SPLITS, RECIPES, build_train_config, flag_name, leaf_fields
+from toolkit.core.errors import ToolkitError, exit_code
+from toolkit.training.config import (DATA_SOURCES, HELD_OUT_SPLITS, RECIPES, TrainConfig, build_train_config,
+                                     field_type, flag_name, leaf_fields, read_config_file)
+from toolkit.training.status import RunStatus, describe_status, status_field
 
 _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str}
 _DATA_OVERRIDES = ("data", "data_dir", "cache_dir")  # flags of evaluate/verify that replace the run's data config
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field; defaults are SUPPRESSed so recipes can fill what was not given."""
+    """One flag per config field, and --config; defaults are SUPPRESSed so a file and recipes can fill the rest."""
     for _, f in leaf_fields():
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        base = str(f.type).replace(" | None", "")
+        base, _ = field_type(f)
         if base == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -42,6 +45,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         by_recipe = ", ".join(f"{r}: {v[f.name]!r}" for r, v in RECIPES.items() if f.name in v)
         shown = f"default {default!r}" + (f"; recipe {by_recipe}" if by_recipe else "")
         parser.add_argument(flag_name(f.name), help=f"{f.metadata.get('help', '')} [{shown}]", **kwargs)
+    parser.add_argument("--config", dest="config_file", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                        help="YAML or JSON file of config values (a run's config.json works as it is); flags override "
+                             "it, it overrides the recipe. Its resume and overwrite are ignored: pass them as flags")
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     _formats_flag(p)
     _tolerance_flags(p, "verification: ")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="how a run's latest start ended, or that it is running (runs/NAME/status.json)")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder (runs/<name>)")
+    p.add_argument("--field", choices=[f.name for f in dataclasses.fields(RunStatus)], default=None,
+                   help="print only this field of status.json (for scripts: --field state)")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("report", help="rebuild a run's report.md and pictures from its files")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder (runs/<name>)")
@@ -121,23 +133,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_values(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
-    """The config fields given on the command line (flags that are not fields excluded)."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "func", *extra)}
+def _train_config(args: argparse.Namespace, *extra: str) -> TrainConfig:
+    """The config from --config (if given) and the config flags given on the command line (`extra`: other flags)."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config_file", *extra)}
+    file = vars(args).get("config_file")
+    return build_train_config(read_config_file(file) if file else None, flags)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from toolkit.training.train import train  # per command: imports torch
 
-    train(build_train_config(_config_values(args)))
+    train(_train_config(args))
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from toolkit.apps.pipeline import run_pipeline  # per command: imports torch
 
-    values = _config_values(args, "export_dir", "formats", "atol", "rtol")
-    run_pipeline(build_train_config(values), args.export_dir, formats.parse_formats(args.formats), args.atol, args.rtol)
+    cfg = _train_config(args, "export_dir", "formats", "atol", "rtol")
+    run_pipeline(cfg, args.export_dir, formats.parse_formats(args.formats), args.atol, args.rtol)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    print(status_field(args.run, args.field) if args.field else describe_status(args.run))
     return 0
 
 
@@ -188,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ToolkitError as exc:
         print(f"toolkit {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
+        return exit_code(exc)
+    except KeyboardInterrupt as exc:
         print(f"toolkit {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exit_code(exc)
     except OSError as exc:  # disk full, unwritable folder: the file and the reason, not a traceback
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"toolkit {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)

@@ -24,10 +24,11 @@ from toolkit.artifacts import formats
 from toolkit.artifacts.export import default_export_dir, export_run
 from toolkit.artifacts.manifest import MANIFEST, Manifest
 from toolkit.core.errors import ArtifactError, ConfigError, VerificationError
+from toolkit.training.accelerator import open_run
 from toolkit.training.config import TrainConfig
 from toolkit.training.data import load_splits, normalize
 from toolkit.training.runs import EVAL, MODEL, load_model
-from toolkit.training.train import train
+from toolkit.training.train import TrainResult, train
 
 GRID_IMAGES = 32  # evaluation images shown with their predictions in the report
 
@@ -74,12 +75,19 @@ def run_pipeline(cfg: TrainConfig, export_dir: Path | None = None, names: Sequen
     if atol < 0 or rtol < 0:
         raise ConfigError(f"--atol/--rtol: must be >= 0, got {atol:g} and {rtol:g}")
     _check_export_dir(export_dir, cfg.output_dir)
-    result = train(cfg)
-    run_dir = result.run_dir
-    # train() ended the process group; the state still knows which process this is.
-    if not PartialState().is_main_process:
-        return run_dir
+    # The run folder stays locked, and status.json records the whole command (a failed verification too).
+    with open_run(cfg, "toolkit run") as session:
+        result = train(cfg, session)
+        # train() ended the process group; the state still knows which process this is.
+        if not PartialState().is_main_process:
+            return result.run_dir
+        return _publish(result, cfg, export_dir, names, atol, rtol, log)
 
+
+def _publish(result: TrainResult, cfg: TrainConfig, export_dir: Path | None, names: Sequence[str], atol: float,
+             rtol: float, log: Callable[[str], None]) -> Path:
+    """Export, verify, draw and report a trained run (main process only)."""
+    run_dir = result.run_dir
     remove_outputs(run_dir)  # a rerun (--resume latest, --overwrite) replaces them all
     target = export_dir or default_export_dir(run_dir)
     export_dir = export_run(run_dir, target, names, overwrite=_export_belongs_to(target, run_dir), log=log)

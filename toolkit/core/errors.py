@@ -35,7 +35,7 @@ class DivergenceError(ToolkitError):
 
 
 class Interrupted(ToolkitError):
-    """Stopped by SIGTERM/SIGINT after writing a checkpoint; `--resume latest` continues.
+    """Stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint; `--resume latest` continues.
 
     75 is EX_TEMPFAIL: a temporary failure, worth retrying.
     """
@@ -55,6 +55,17 @@ class VerificationError(ToolkitError):
     """An exported artifact does not behave like the eager model (reported after the table)."""
 
     exit_code = 3
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code a `toolkit` command ends with when `exc` escapes it (`apps/cli.py` and status.json agree)."""
+    if isinstance(exc, ToolkitError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return 130  # 128 + SIGINT, the shell's convention
+    if isinstance(exc, OSError):
+        return 2  # disk full, unwritable folder: the environment, reported as one line
+    return 1  # a bug: Python's own status for an uncaught exception, traceback included
 
 
 def first_line(exc: BaseException) -> str:

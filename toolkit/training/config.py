@@ -3,20 +3,24 @@
 Every field carries its help text (and units) in `metadata["help"]`; `toolkit.apps.cli` builds the
 command-line flags from these fields one-to-one (`batch_size` -> `--batch-size`), so the CLI and
 the config cannot drift apart. `__post_init__` rejects bad values with a `ConfigError` naming the
-flag. Precedence: field defaults < recipe (`RECIPES`) < flags given on the command line.
+flag. Precedence: field defaults < recipe (`RECIPES`) < a `--config` file (`read_config_file`) <
+flags given on the command line.
 
 Topology (number of processes, machines, GPUs) is not here: it belongs to the Accelerate launch
 config (`launch/*.yaml`). `expect_processes` only states what the run must see, so that a
-mis-launched job fails loudly instead of silently training on one process.
+mis-launched job fails loudly instead of silently training on one process. `mixed_precision` left
+unset means "what the launcher says" (toolkit.training.accelerator.resolve_precision).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from toolkit.core.errors import ConfigError
+from toolkit.core.errors import ConfigError, first_line
 
 DATA_SOURCES = ("cifar10", "imagefolder", "synthetic")
 SCHEDULES = ("none", "onecycle", "cosine")
@@ -106,7 +110,10 @@ class TrainConfig:
     epochs: int = _field(2, "passes over the training split")
     batch_size: int = _field(4, "images per process per micro-batch (global batch = this x processes x accumulation)")
     eval_batch_size: int = _field(1000, "images per process per evaluation batch")
-    mixed_precision: str = _field("no", "autocast precision: no, bf16 (CPU and GPU) or fp16 (GPU only)", choices=PRECISIONS)
+    mixed_precision: str | None = _field(
+        None, "autocast precision: no (fp32), bf16 (CPU and GPU) or fp16 (GPU only); when not given, what the launcher "
+        "says (accelerate launch --mixed_precision or its config file, ACCELERATE_MIXED_PRECISION), else no",
+        choices=PRECISIONS)
     seed: int = _field(0, "seed for initialization, data order and augmentation")
     compile: bool = _field(False, "torch.compile the model's training forward and backward (inductor; on CUDA also "
                                   "CUDA graphs, mode reduce-overhead); the first steps compile, about 10-60 s")
@@ -138,7 +145,7 @@ class TrainConfig:
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        _check(self.mixed_precision in PRECISIONS, "mixed_precision",
+        _check(self.mixed_precision is None or self.mixed_precision in PRECISIONS, "mixed_precision",
                f"unknown precision {self.mixed_precision!r}; choose from {PRECISIONS}")
         _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
@@ -193,12 +200,19 @@ def leaf_fields() -> list[tuple[str | None, dataclasses.Field]]:
     return out
 
 
-def build_train_config(values: dict[str, Any] | None = None) -> TrainConfig:
-    """Build a config from flat field values (`{"lr": 0.1, "data": "synthetic", ...}`).
+def field_type(f: dataclasses.Field) -> tuple[str, bool]:
+    """A config field's value type ("int", "float", "str" or "bool") and whether it may be None."""
+    text = str(f.type)
+    return text.replace(" | None", ""), text.endswith(" | None")
 
-    The recipe named by `values["recipe"]` (default `fast`) supplies defaults for fields not given.
+
+def build_train_config(*layers: dict[str, Any] | None) -> TrainConfig:
+    """Build a config from layers of flat field values (`{"lr": 0.1, "data": "synthetic", ...}`), later
+    layers winning: `build_train_config(file_values, flag_values)`.
+
+    The recipe the merged values name (default `fast`) supplies defaults for fields no layer gives.
     """
-    values = dict(values or {})
+    values = {k: v for layer in layers if layer for k, v in layer.items()}
     recipe = values.get("recipe", TrainConfig.recipe)
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
@@ -222,3 +236,75 @@ def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
         flat.update(d.get(g, {}))
     known = {f.name for _, f in leaf_fields()}
     return build_train_config({k: v for k, v in flat.items() if k in known})
+
+
+# Keys a config file may hold that are not taken from it: a run's config.json adds "runtime" (what
+# the run had, toolkit.training.runs.RunRecord); `resume` and `overwrite` act on one run folder, so a
+# file repeating a run must not continue or replace anything: they come from flags only.
+FILE_IGNORED_KEYS = ("runtime", "resume", "overwrite")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Flat field values from a YAML or JSON file (`--config FILE`).
+
+    Keys are field names, top-level (`lr: 0.1`) or grouped as config.json writes them
+    (`optim: {lr: 0.1}`), so a run's own config.json is accepted as it is. Unknown keys and values of
+    the wrong type are refused naming the key; `FILE_IGNORED_KEYS` are skipped.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from None
+    data = _parse_config_text(path, text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of config keys, got {type(data).__name__}")
+    fields = {f.name: (group, f) for group, f in leaf_fields()}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in FILE_IGNORED_KEYS:
+            continue
+        grouped = key in _GROUPS and isinstance(value, dict)
+        if key in _GROUPS and not grouped and key not in fields:
+            raise ConfigError(f"--config {path}: key {key!r} must be a mapping, as in config.json")
+        for name, v in (value.items() if grouped else [(key, value)]):
+            where = f"{key}.{name}" if grouped else str(name)
+            if name not in fields or (grouped and fields[name][0] != key):
+                raise ConfigError(f"--config {path}: unknown key {where!r}; keys are the names in config.json "
+                                  "(e.g. batch_size, optim.lr)")
+            values[name] = _typed_value(path, where, fields[name][1], v)
+    return values
+
+
+def _parse_config_text(path: Path, text: str) -> Any:
+    """JSON for `.json` files (PyYAML would read JSON's `5e-05` as a string), YAML otherwise."""
+    if Path(path).suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"--config {path}: not valid JSON ({first_line(exc)})") from None
+    import yaml  # reason: only --config reads YAML; `toolkit predict` starts without it
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({first_line(exc)})") from None
+
+
+def _typed_value(path: Path, where: str, f: dataclasses.Field, value: Any) -> Any:
+    """`value` if it has the field's type (ints accepted for floats), else a `ConfigError` naming the key."""
+    base, optional = field_type(f)
+    if value is None and optional:
+        return None
+    if base == "float" and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+        except ValueError:
+            pass
+    ok = {"bool": lambda v: isinstance(v, bool),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": lambda v: isinstance(v, str)}[base](value)
+    if not ok:
+        expected = base + (" or null" if optional else "")
+        raise ConfigError(f"--config {path}: key {where!r} must be {expected}, got {value!r}")
+    return float(value) if base == "float" else value

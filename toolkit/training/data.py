@@ -256,19 +256,43 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split]:
     from torchvision.datasets import CIFAR10  # here: torchvision takes ~1 s to import, and only this source needs it
 
+    folder = root / CIFAR10.base_folder
+    damaged = _damaged_cifar10_files(folder) if folder.is_dir() else []
+    if damaged and not download:
+        raise DataError(_damaged_message(folder, damaged))
     splits = []
     for train in (True, False):
         try:
             ds = CIFAR10(str(root), train=train, download=download)
-        except (RuntimeError, OSError) as exc:  # not found / offline download
+        except (RuntimeError, OSError) as exc:  # not found, damaged / offline download
+            if damaged:
+                raise DataError(f"{_damaged_message(folder, damaged)}; downloading it again failed "
+                                f"({first_line(exc)})") from None
             raise DataError(
-                f"CIFAR-10 not found under {root}/cifar-10-batches-py and could not be downloaded "
+                f"CIFAR-10 not found under {folder} and could not be downloaded "
                 f"({first_line(exc)}). "
                 "Point --data-dir at a folder holding cifar-10-batches-py, or at image folders with "
                 "--data imagefolder (DIR/train/<class>/*)") from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         splits.append(Split("train" if train else "test", images, torch.tensor(ds.targets), list(ds.classes)))
     return splits[0], splits[1]
+
+
+def _damaged_cifar10_files(folder: Path) -> list[str]:
+    """'NAME (missing)' / 'NAME (corrupt)' for each file of a cifar-10-batches-py folder that fails
+    torchvision's MD5 check, which torchvision itself reports only as "not found or corrupted"."""
+    from torchvision.datasets import CIFAR10  # reason: as in _load_cifar10, only this source imports torchvision
+    from torchvision.datasets.utils import check_integrity  # reason: the same
+
+    expected = [*CIFAR10.train_list, *CIFAR10.test_list, [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    return [f"{name} ({'corrupt' if (folder / name).exists() else 'missing'})"
+            for name, md5 in expected if not check_integrity(str(folder / name), md5)]
+
+
+def _damaged_message(folder: Path, damaged: list[str]) -> str:
+    return (f"{folder} fails torchvision's integrity check (MD5): {', '.join(damaged)} (an interrupted download, "
+            f"or a re-packed copy?). Delete {folder} and rerun to download CIFAR-10 again (--download, the default), "
+            "or copy the original files there")
 
 
 def _list_class_folders(root: Path) -> dict[str, list[Path]]:

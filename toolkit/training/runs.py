@@ -6,9 +6,11 @@ runs/<name>/
   checkpoints/       step_<global step>/ (toolkit.training.checkpoint)
   model.safetensors  final weights; metadata holds the model name and class names to rebuild it
   eval.json          final evaluation (toolkit.training.evaluate.EvalResult)
+  status.json, .lock how the latest start ended; who writes the folder now (toolkit.training.status)
 
 This module is the only reader and writer of config.json and model.safetensors: other modules get
-typed records (`RunRecord`, `TrainedModel`), never the JSON.
+typed records (`RunRecord`, `TrainedModel`), never the JSON. `RunSession` is what a command holds
+while it owns the folder.
 """
 
 from __future__ import annotations
@@ -19,22 +21,26 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import accelerate
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from toolkit import __version__
-from toolkit.core.errors import CheckpointError, first_line
+from toolkit.core.errors import CheckpointError, DivergenceError, Interrupted, ToolkitError, exit_code, first_line
 from toolkit.training.checkpoint import STATE_FILE, find_latest, list_checkpoints, verify_checkpoint
 from toolkit.training.config import TrainConfig, train_config_from_dict
 from toolkit.training.models import build_model
+from toolkit.training.status import STATUS_FILE, Holder, RunLock, RunStatus, now
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -76,9 +82,13 @@ class RunInfo:
     global_batch_size: int  # images per optimizer step over all processes
     steps_per_epoch: int  # optimizer steps
     total_steps: int  # optimizer steps of the whole run (--epochs, capped by --max-steps)
-    compile_mode: str | None  # torch.compile mode of the training forward (--compile), None when not compiled
     data: DataInfo
     versions: dict[str, str]
+    compile_mode: str | None = None  # torch.compile mode of the training forward (--compile); None: not compiled
+    # Who chose mixed_precision: "config" (--mixed-precision or --config), "launcher"
+    # (ACCELERATE_MIXED_PRECISION: accelerate launch --mixed_precision or its config file) or "default";
+    # "unrecorded" in config.json files written before it was recorded.
+    mixed_precision_source: str = "unrecorded"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,7 +167,7 @@ def rebuild_model(name: str, classes: list[str], state: dict[str, torch.Tensor],
 
 def remove_run_files(run_dir: Path) -> None:
     """Delete what a training run wrote into `run_dir` (for --overwrite), leaving anything else."""
-    for name in (CONFIG, METRICS, MODEL, EVAL):
+    for name in (CONFIG, METRICS, MODEL, EVAL, STATUS_FILE):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
 
@@ -196,3 +206,73 @@ def prepare_run_folder(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator
             raise CheckpointError(f"--output-dir {run_dir}: cannot create ({exc.strerror})") from None
     accelerator.wait_for_everyone()
     return resume_from
+
+
+class RunSession:
+    """A command's hold on its run folder (`toolkit train`, `toolkit run`), entered by every process.
+
+    On entry the main process locks the folder (`status.RunLock`) and tells the others, through a
+    broadcast, whether it could: no process writes into a folder another run owns. Once the run has
+    claimed the folder (`claim`, after the start-up checks of `prepare_run_folder`) the main process
+    records in status.json that it is running, and on every way out how it ended: done, interrupted,
+    diverged or failed, with the exit code `toolkit` ends with. Refused starts (a folder holding
+    another run, a bad --resume) leave the folder's status.json alone.
+    """
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, command: str) -> None:
+        self.accelerator = accelerator
+        self.run_dir = run_dir
+        self.holder = Holder.this_process(command)
+        self._lock: RunLock | None = None
+        self._claimed = False
+        self._step: Callable[[], int] | None = None
+
+    def __enter__(self) -> RunSession:
+        refusal: list[str | None] = [None]
+        if self.accelerator.is_main_process:
+            try:
+                self._lock, warning = RunLock.acquire(self.run_dir, self.holder)
+                if warning:
+                    self.accelerator.print(warning)
+            except CheckpointError as exc:
+                refusal[0] = str(exc)
+        broadcast_object_list(refusal)
+        if refusal[0] is not None:
+            raise CheckpointError(refusal[0])
+        return self
+
+    def claim(self) -> None:
+        """The folder is this run's now (new, resumed or overwritten): status.json says running."""
+        self._claimed = True
+        self._record("running", None, "started")
+
+    def follow(self, step: Callable[[], int]) -> None:
+        """Where the run stands (its optimizer step), read when status.json is written."""
+        self._step = step
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if self._claimed:
+                self._record(*_outcome(exc))
+            if isinstance(exc, (Interrupted, DivergenceError)):
+                # Every process raises these together (train_step agrees across processes). The others wait
+                # until status.json is written: once one process exits, the launcher stops the rest.
+                self.accelerator.wait_for_everyone()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _record(self, state: str, code: int | None, message: str) -> None:
+        if self.accelerator.is_main_process:
+            step = self._step() if self._step else None
+            RunStatus(state, step, code, message, now(), self.holder).write(self.run_dir)
+
+
+def _outcome(exc: BaseException | None) -> tuple[str, int, str]:
+    """(state, exit code, message) of a command that ended with `exc` (None: success)."""
+    if exc is None:
+        return "done", 0, "finished"
+    state = "interrupted" if isinstance(exc, Interrupted) else "diverged" if isinstance(exc, DivergenceError) \
+        else "failed"
+    return state, exit_code(exc), str(exc) if isinstance(exc, ToolkitError) else first_line(exc)

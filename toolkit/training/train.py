@@ -37,7 +37,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from toolkit.core.errors import DivergenceError, Interrupted
-from toolkit.training.accelerator import build_accelerator
+from toolkit.training.accelerator import open_run, resolve_precision
 from toolkit.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from toolkit.training.config import TrainConfig
 from toolkit.training.data import Splits, load_splits, make_loader
@@ -45,7 +45,7 @@ from toolkit.training.evaluate import EvalResult, evaluate
 from toolkit.training.metrics import MetricLogger
 from toolkit.training.models import build_model
 from toolkit.training.optim import build_optimizer, build_scheduler
-from toolkit.training.runs import CHECKPOINTS, EVAL, METRICS, MODEL, DataInfo, RunInfo, RunRecord, \
+from toolkit.training.runs import CHECKPOINTS, EVAL, METRICS, MODEL, DataInfo, RunInfo, RunRecord, RunSession, \
     prepare_run_folder, save_model, versions
 from toolkit.training.signals import GracefulStop
 
@@ -119,21 +119,28 @@ class StepFlags:
         return bad, flags[-1] > 0
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, session: RunSession | None = None) -> TrainResult:
     """Train, checkpoint and evaluate one run:
 
-        accelerator -> run folder -> data -> model, optimizer, loaders (prepared), schedule -> resume
-        -> config.json -> for each epoch: train_one_epoch (logging, checkpoints) -> validate -> checkpoint
-        -> final weights -> evaluate on the test split (or val) -> eval.json
+        accelerator, locked run folder -> run folder checks -> status.json -> data -> model, optimizer,
+        loaders (prepared), schedule -> resume -> config.json -> for each epoch: train_one_epoch (logging,
+        checkpoints) -> validate -> checkpoint -> final weights -> evaluate on the test split (or val) -> eval.json
+
+    `session` is the caller's hold on the run folder when training is part of a longer command (`toolkit run`).
     """
-    accelerator, run_dir = build_accelerator(cfg)
+    if session is None:
+        with open_run(cfg, "toolkit train") as opened:
+            return train(cfg, opened)
+    accelerator, run_dir = session.accelerator, session.run_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     resume_from = prepare_run_folder(cfg, run_dir, accelerator)
+    session.claim()
     splits = load_splits(cfg.data)
     eval_split, eval_note = splits.held_out("test")
     loop = build_loop(cfg, accelerator, run_dir, splits)
+    session.follow(lambda: loop.state.global_step)
     eval_dl = accelerator.prepare(make_loader(eval_split, cfg.eval_batch_size, shuffle=False, device=accelerator.device))
     val_dl = accelerator.prepare(make_loader(splits.val, cfg.eval_batch_size, shuffle=False,
                                              device=accelerator.device)) if len(splits.val) else None
@@ -184,6 +191,7 @@ def run_info(loop: Loop, splits: Splits, eval_split: str, eval_note: str | None)
         num_processes=accelerator.num_processes,
         distributed_type=str(accelerator.distributed_type),
         mixed_precision=accelerator.mixed_precision,
+        mixed_precision_source=resolve_precision(cfg.mixed_precision).source,
         device=str(accelerator.device),
         torch_threads=torch.get_num_threads(),
         global_batch_size=cfg.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps,
@@ -199,7 +207,8 @@ def _announce(loop: Loop, record: RunRecord, eval_images: int) -> None:
     info, accelerator = record.info, loop.accelerator
     accelerator.print(f"run {loop.run_dir}: {info.data.train} train / {info.data.val} val / {eval_images} "
                       f"{info.data.eval_split} images, {info.num_processes} process(es) on {accelerator.device}, "
-                      f"mixed precision {info.mixed_precision}, {info.total_steps} steps")
+                      f"mixed precision {info.mixed_precision} ({info.mixed_precision_source}), "
+                      f"{info.total_steps} steps")
     if info.data.eval_note:
         accelerator.print(f"note: {info.data.eval_note}")
     if loop.cfg.log_with:  # trackers take scalars only
