@@ -11,22 +11,12 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from toolkit.core.errors import CheckpointError
 from toolkit.training.checkpoint import (STATE_FILE, TrainState, find_latest, list_checkpoints, load_checkpoint,
                                          save_checkpoint, verify_checkpoint)
 from toolkit.training.models import build_model
 from toolkit.training.optim import LRSchedule
-
-
-@pytest.fixture
-def accelerator():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _parts(accelerator: Accelerator, seed: int):

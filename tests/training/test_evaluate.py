@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
 from toolkit.training.data import make_loader, make_synthetic
@@ -45,17 +43,10 @@ class _Constant(nn.Module):
         return logits
 
 
-def test_evaluate_counts_every_image_once() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        accelerator = Accelerator(cpu=True)
-        _, split = make_synthetic(10, 23)  # 23 images: the last batch of 10 is short
-        model, loader = accelerator.prepare(_Constant(2, 10), make_loader(split, 10, shuffle=False))
-        result = evaluate(model, loader, accelerator, split.classes, "test")
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+def test_evaluate_counts_every_image_once(accelerator) -> None:
+    _, split = make_synthetic(10, 23)  # 23 images: the last batch of 10 is short
+    model, loader = accelerator.prepare(_Constant(2, 10), make_loader(split, 10, shuffle=False))
+    result = evaluate(model, loader, accelerator, split.classes, "test")
     assert result.n == 23 and result.confusion[:, 2].sum() == 23 and result.confusion.sum() == 23
     assert result.confusion.sum(dim=1).tolist() == torch.bincount(split.labels, minlength=10).tolist()
     logits = _Constant(2, 10)(torch.zeros(1, 3, 32, 32)).detach()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
 from tests.helpers import TINY, assert_ok, load_json, run_cli, weights
@@ -24,16 +23,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 # On the GPU: the same tiny synthetic run as the CPU tests, but not forced onto the CPU.
 GPU_TINY = [a for a in TINY if a not in ("--threads", "1")]
-
-
-@pytest.fixture
-def fresh_accelerate():
-    """Accelerate keeps its state in singletons: each test starts from none."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_batches_cut_on_the_gpu_equal_the_cpu_batches() -> None:

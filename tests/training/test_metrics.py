@@ -8,19 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from toolkit.training.metrics import MetricLogger, MetricsFile, read_metrics
-
-
-@pytest.fixture
-def accelerator():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_step_records_every_log_every_steps_and_at_the_end(accelerator, tmp_path: Path, capsys) -> None:

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
 from toolkit.core.errors import CheckpointError, DataError, Interrupted
@@ -71,15 +69,6 @@ def test_weights_that_are_not_a_toolkit_model_are_refused(tmp_path: Path) -> Non
         load_model(tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="weights do not fit model 'tutorial'"):
         rebuild_model("tutorial", CLASSES, {"w": torch.zeros(2)}, "somewhere")
-
-
-@pytest.fixture
-def accelerator():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_start_up_refuses_an_existing_run_and_overwrite_removes_only_run_files(accelerator, tmp_path: Path) -> None:

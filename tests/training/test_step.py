@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
 from tests.helpers import TINY, assert_ok, load_json, run_cli, weights
@@ -16,15 +13,6 @@ from toolkit.training.config import OptimConfig
 from toolkit.training.models import build_model
 from toolkit.training.optim import build_optimizer
 from toolkit.training.train import CHECK_EVERY, StepFlags, train_step
-
-
-@pytest.fixture
-def accelerator():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _state(model: nn.Module, optimizer) -> list[torch.Tensor]:

@@ -105,7 +105,8 @@ class OptimConfig:
 class TrainConfig:
     """A training run: model, length, precision, run folder and checkpoints."""
 
-    recipe: str = _field("fast", "named set of defaults (seed = the tutorial exactly, fast = tuned)")
+    recipe: str = _field("fast", "named set of defaults: seed = the tutorial exactly, fast = tuned on a 2-core CPU, "
+                                 "gpu = large batch for a GPU")
     model: str = _field("tutorial", "registered model name")
     epochs: int = _field(2, "passes over the training split")
     batch_size: int = _field(4, "images per process per micro-batch (global batch = this x processes x accumulation)")
@@ -173,9 +174,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The PyTorch tutorial exactly: batch 4, SGD lr 0.001 momentum 0.9, 2 epochs, no augmentation,
     # constant learning rate.
     "seed": {},
-    # Tuned on the shared CIFAR-10 training split (5,000 held out) on a 2-core CPU; see README.
+    # Tuned on the shared CIFAR-10 training split (5,000 held out) on a 2-core CPU: over 70 % held out
+    # within 120 s of training there; see README.
     "fast": {
-        "epochs": 15,
+        "epochs": 25,
         "batch_size": 128,
         "augment": True,
         "lr": 0.1,
@@ -185,6 +187,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.1,
     },
 }
+# The large-batch recipe for GPUs: the fast recipe at a batch where a GPU is not launch-bound, the
+# learning rate scaled with it (see README for the sweep).
+RECIPES["gpu"] = {**RECIPES["fast"], "batch_size": 1024, "lr": 0.4, "epochs": 40}
 
 _GROUPS = {"data": DataConfig, "optim": OptimConfig}
 
