@@ -94,8 +94,10 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, classes: list[s
             logits = model(images)
         losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
         preds, labels, losses = accelerator.gather_for_metrics((logits.argmax(dim=1), labels, losses))
-        # A one-hot sum rather than bincount: deterministic on CUDA too (--deterministic forbids bincount there).
-        confusion += nn.functional.one_hot(labels * num_classes + preds, num_classes * num_classes).sum(dim=0)
+        # Counted by comparison rather than bincount or scatter: exact and deterministic on every device
+        # (--deterministic refuses some of those kernels on CUDA), and a batch × classes² matrix is small.
+        cells = torch.arange(num_classes * num_classes, device=confusion.device)
+        confusion += ((labels * num_classes + preds)[:, None] == cells).sum(dim=0)
         loss_sum += losses.double().sum()
     model.train(was_training)
     confusion = confusion.view(num_classes, num_classes).cpu()
