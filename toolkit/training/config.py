@@ -189,7 +189,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 # The large-batch recipe for GPUs: the fast recipe at a batch where a GPU is not launch-bound, the
 # learning rate scaled with it (see README for the sweep).
-RECIPES["gpu"] = {**RECIPES["fast"], "batch_size": 1024, "lr": 0.4, "epochs": 40}
+RECIPES["gpu"] = {**RECIPES["fast"], "batch_size": 512, "lr": 0.2, "epochs": 40}
 
 _GROUPS = {"data": DataConfig, "optim": OptimConfig}
 

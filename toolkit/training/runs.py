@@ -256,7 +256,7 @@ class RunSession:
             if self._claimed:
                 self._record(*_outcome(exc))
             if isinstance(exc, (Interrupted, DivergenceError)):
-                # Every process raises these together (train_step agrees across processes). The others wait
+                # Every process raises these together (all read the same step flags). The others wait
                 # until status.json is written: once one process exits, the launcher stops the rest.
                 self.accelerator.wait_for_everyone()
         finally:
