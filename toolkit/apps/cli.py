@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.artifacts import formats
-from toolkit.artifacts.backends import DEFAULT_MAX_BATCH
+from toolkit.artifacts.backends import DEFAULT_MAX_BATCH, DEFAULT_PROVIDER, PROVIDERS
 from toolkit.core.errors import ToolkitError
 from toolkit.training.config import DATA_SOURCES, HELD_OUT_SPLITS, RECIPES, build_train_config, flag_name, leaf_fields
 
@@ -62,6 +62,13 @@ def _tolerance_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
                         help=f"{prefix}relative logit tolerance (default {formats.LOGIT_RTOL:g})")
 
 
+def _provider_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", choices=PROVIDERS, default=DEFAULT_PROVIDER,
+                        help="where ONNX Runtime runs .onnx files: auto (CUDA when this onnxruntime build has it, "
+                             "else the CPU), cpu, cuda, tensorrt; torch formats run on the CPU "
+                             f"(default {DEFAULT_PROVIDER})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("export", help="write TorchScript, ONNX and torch.export files (+ manifest) from a run")
+    p = sub.add_parser("export", help="write TorchScript, ONNX (fp32, fp16, int8) and torch.export files (+ manifest) "
+                                      "from a run")
     p.add_argument("--run", type=Path, required=True, help="run folder (runs/<name>)")
     p.add_argument("--out", type=Path, default=None, help="export folder (default: exports/<run folder name>)")
     _formats_flag(p)
@@ -105,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", type=Path, default=None, help="also write the report as JSON here")
     _tolerance_flags(p)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per runtime")
+    _provider_flag(p)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("predict", help="label image files with an exported model (.onnx, .ts, .pt2)")
-    p.add_argument("artifact", type=Path, metavar="PATH", help="model.onnx, model.ts, model.pt2 or eager weights")
+    p.add_argument("artifact", type=Path, metavar="PATH",
+                   help="model.onnx (or model.fp16.onnx, model.int8.onnx), model.ts, model.pt2 or eager weights")
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG/JPEG files, any size")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--top-k", dest="top_k", type=int, default=1, help="classes shown per image (default 1)")
@@ -117,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the file even if its sha256 differs from the manifest.json beside it")
     p.add_argument("--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"refuse more than this many images per call (default {DEFAULT_MAX_BATCH})")
+    _provider_flag(p)
     p.set_defaults(func=_cmd_predict)
     return parser
 
@@ -170,7 +181,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from toolkit.apps.verify import verify_and_report  # per command: imports torch
 
     verify_and_report(args.export_dir, _data_overrides(args), args.split, args.atol, args.rtol, args.json_out,
-                      args.threads)
+                      args.threads, provider=args.provider)
     return 0
 
 
@@ -178,7 +189,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from toolkit.apps.predict import predict_and_report  # per command: torch only for torch formats
 
     predict_and_report(args.artifact, args.images, args.top_k, args.threads, args.check_hash, args.json,
-                       max_batch=args.max_batch)
+                       max_batch=args.max_batch, provider=args.provider)
     return 0
 
 
