@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.helpers import FILES, Export, assert_like_eager, edit_onnx, rewrite_zip
 from toolkit.artifacts import backends as backends_module
@@ -114,7 +114,8 @@ def test_onnx_with_another_input_shape_is_refused(exported: Export, tmp_path: Pa
     graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"])], "other",
                               [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 64, 64])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 64, 64])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    # IR version 10, as exported: onnx 1.23's default (14) is refused by ONNX Runtime 1.30 before the input check.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     helper.set_model_props(model, load_backend(exported.dir / "model.onnx").metadata.to_strings())
     onnx.save_model(model, str(tmp_path / "other.onnx"))
     with pytest.raises(ArtifactError) as info:
@@ -159,6 +160,28 @@ def test_slices_of_a_batch_on_several_threads_give_the_same_logits(exported: Exp
         assert calls == [4]
 
 
+def test_an_onnx_model_with_the_wrong_number_of_classes_is_an_artifact_error(exported: Export, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """5 logits per image where the metadata names 10 classes: one line, whether the batch runs whole or in slices."""
+    from toolkit.artifacts import onnx_runtime
+
+    weights = numpy_helper.from_array(np.zeros((3 * 32 * 32, 5), np.float32), "weights")
+    shape = numpy_helper.from_array(np.array([-1, 3 * 32 * 32], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["images", "shape"], ["flat"]),
+                               helper.make_node("MatMul", ["flat", "weights"], ["logits"])], "five",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], [weights, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    helper.set_model_props(model, load_backend(exported.dir / "model.onnx").metadata.to_strings())
+    onnx.save_model(model, str(tmp_path / "five.onnx"))
+    monkeypatch.setattr(onnx_runtime, "SLICE", 4)
+    x = np.zeros((9, 3, 32, 32), np.float32)
+    for threads, expected in ((None, r"\(9, 5\) for 9 images; expected \(9, 10\)"),
+                              (2, r"\(4, 5\) for 4 images; expected \(4, 10\)")):
+        with pytest.raises(ArtifactError, match=r"five\.onnx: the model returned logits of shape " + expected):
+            load_backend(tmp_path / "five.onnx", threads=threads).predict_logits(x)
+
+
 def test_io_binding_runs_the_same_model_on_the_device(exported: Export) -> None:
     """`bind` (device "cpu" here, "cuda" on a GPU): the batch is checked once, copied once, and every `run()`
     leaves the logits on the device until `logits()` copies them out and checks them."""
@@ -193,8 +216,6 @@ def test_provider_choice(available: list[str], choice: str, expected: str) -> No
 def test_a_missing_provider_is_one_line_naming_the_build_and_the_fix(exported: Export, monkeypatch) -> None:
     from importlib import metadata
 
-    from toolkit.artifacts import onnx_runtime
-
     for choice, name in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
         with pytest.raises(ConfigError) as info:
             load_backend(exported.dir / "model.onnx", provider=choice)
@@ -203,7 +224,7 @@ def test_a_missing_provider_is_one_line_naming_the_build_and_the_fix(exported: E
         assert "onnxruntime 1." in message and "pip install 'cifar-toolkit[gpu]'" in message
     # Both builds installed: they share the `onnxruntime` module, and the message says so.
     real = metadata.version
-    monkeypatch.setattr(onnx_runtime.metadata, "version",
+    monkeypatch.setattr(metadata, "version",
                         lambda name: "1.31.1" if name == "onnxruntime-gpu" else real(name))
     with pytest.raises(ConfigError, match=r"onnxruntime 1\.\d+\.\d+ and onnxruntime-gpu 1\.31\.1 are both installed "
                                           r"and shadow each other .* pip uninstall -y onnxruntime onnxruntime-gpu"):
@@ -299,8 +320,6 @@ def test_inputs_that_overflow_the_model_are_an_error_not_nan_logits(backends: di
 
 
 def test_a_model_that_gives_nan_for_ordinary_inputs_is_an_artifact_error(exported: Export, tmp_path: Path) -> None:
-    from onnx import numpy_helper
-
     def nan_bias(model) -> None:
         bias = next(t for t in model.graph.initializer if t.name == "fc3.bias")
         values = numpy_helper.to_array(bias).copy()

@@ -77,11 +77,13 @@ FORMATS: tuple[Format, ...] = (
     Format("pt2", "model.pt2", runtime="torch", program=True, exported=True),
     Format("onnx", "model.onnx", runtime="onnxruntime", program=False, exported=True),
     # Derived from model.onnx. fp16: weights and compute in fp16 (on GPUs; ONNX Runtime's CPU provider
-    # computes in fp32 from the fp16 weights), fp32 input and output. 2 flips in 5,000 images measured.
+    # computes in fp32 from the fp16 weights), fp32 input and output. Measured on 5,000 held-out real
+    # images (3-epoch model): 2 predictions changed, accuracy unchanged.
     Format("onnx-fp16", "model.fp16.onnx", runtime="onnxruntime", program=False, exported=True, precision="fp16",
            tolerance=AccuracyTolerance(overall_pp=0.2, per_class_pp=1.0)),
     # Static QDQ int8, per-channel weights, calibrated on training images (`export.write_onnx_int8`).
-    # Measured: within 0.25 pp overall and 1.6 pp per class, 98.2-98.7 % agreement with eager.
+    # Measured on the same images over several calibration settings: within 0.25 pp of eager overall and
+    # 1.6 pp per class, 98.2-98.7 % of predictions unchanged.
     Format("onnx-int8", "model.int8.onnx", runtime="onnxruntime", program=False, exported=True, precision="int8",
            tolerance=AccuracyTolerance(overall_pp=1.0, per_class_pp=3.0)),
 )

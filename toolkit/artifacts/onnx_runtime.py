@@ -6,9 +6,9 @@ starts in a fraction of torch's import time). The file's bytes are read once, ch
 
 Providers (`--provider`): `cpu`, `cuda`, `tensorrt`, or `auto` (CUDA when this onnxruntime build has
 it, else the CPU; TensorRT only on request, since it builds an engine per input shape on first use).
-A GPU provider keeps the CPU provider behind it for any node it lacks. A provider the build lacks, or
-one that fails to start (missing CUDA libraries), is a one-line `ConfigError` naming the installed
-build and the fix, never a silent fall-back.
+A GPU provider keeps the CPU provider behind it for any node it lacks; CUDA runs fp32 in fp32 (TF32
+off). A provider the build lacks, or one that fails to start (missing CUDA libraries), is a one-line
+`ConfigError` naming the installed build and the fix, never a silent fall-back.
 
 CPU tuning (measured in benchmarks/test_inference.py; README "ONNX Runtime on the CPU"):
 - graph optimization level ORT_ENABLE_ALL (the default, stated explicitly): constant folding, Conv+ReLU
@@ -31,9 +31,8 @@ import contextlib
 import math
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -46,14 +45,21 @@ from toolkit.artifacts.onnx_checks import check_self_contained
 from toolkit.core.errors import ArtifactError, ConfigError, first_line
 from toolkit.core.images import CHANNELS, HEIGHT, WIDTH
 
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
 # --provider choice -> ONNX Runtime's name, and the providers tried in order (fall-backs for nodes a GPU lacks).
 EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                        "tensorrt": "TensorrtExecutionProvider"}
 _CHAINS = {"cpu": ("cpu",), "cuda": ("cuda", "cpu"), "tensorrt": ("tensorrt", "cuda", "cpu")}
+# fp32 files compute in fp32 on CUDA too: ONNX Runtime would otherwise use TF32 (10-bit mantissa) for
+# convolutions and matrix products on Ampere and later, and verify's fp32 logit tolerance (1e-4) is finer.
+_OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0"}}
 _DEVICES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}  # where IO binding keeps tensors
 _BUILDS = ("onnxruntime", "onnxruntime-gpu")  # pip distributions that both install the `onnxruntime` module
-# Images per ONNX Runtime call on the CPU with an explicit thread count: activations of a slice of 64
-# (conv1 output 64×6×28×28 fp32 = 1.2 MB) stay in L2/L3, which a batch of 1024 (19 MB) does not.
+# Images per ONNX Runtime call on the CPU with an explicit thread count: the activations of a slice of 64
+# stay in the caches (conv1's output alone is 1.2 MB for 64 images, more in the blocked NCHWc layout,
+# and 19 MB for 1024).
 SLICE = 64
 
 
@@ -70,10 +76,13 @@ def resolve_provider(choice: str, available: Sequence[str]) -> str:
 
 def _build() -> str:
     """The installed onnxruntime build, as its pip distribution says: `onnxruntime-gpu 1.31.1`."""
-    return f"this onnxruntime build ({getattr(build_and_package_info, 'package_name', 'onnxruntime')} {ort.__version__})"
+    name = getattr(build_and_package_info, "package_name", "onnxruntime")
+    return f"this onnxruntime build ({name} {ort.__version__})"
 
 
 def _gpu_fix() -> str:
+    from importlib import metadata  # reason: 45 ms of start-up, needed only to explain a missing provider
+
     installed = []
     for name in _BUILDS:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -112,19 +121,24 @@ class OnnxRuntimeBackend(Backend):
         if self._slice_threads is None or n <= SLICE:
             return self.session.run(self._outputs, {INPUT_NAME: batch})[0]
         size = min(SLICE, math.ceil(n / self._slice_threads))
-        out = np.empty((n, len(self.classes)), np.float32)
+        starts = range(0, n, size)
 
-        def run_slice(start: int) -> None:
-            out[start:start + size] = self.session.run(self._outputs, {INPUT_NAME: batch[start:start + size]})[0]
+        def run_slice(start: int) -> np.ndarray:
+            return self.session.run(self._outputs, {INPUT_NAME: batch[start:start + size]})[0]
 
         if self._slice_threads == 1:
-            for start in range(0, n, size):
-                run_slice(start)
+            parts = [run_slice(start) for start in starts]
         else:
             if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor  # reason: 13 ms of start-up, for batches only
+
                 self._pool = ThreadPoolExecutor(self._slice_threads, thread_name_prefix="ort-slice")
-            list(self._pool.map(run_slice, range(0, n, size)))  # list(): wait, and re-raise any error
-        return out
+            parts = list(self._pool.map(run_slice, starts))  # list(): wait, and re-raise any error
+        for start, part in zip(starts, parts):  # before joining them: a wrong shape is named, not a numpy error
+            rows = min(size, n - start)
+            if np.shape(part) != (rows, len(self.classes)):
+                raise self.shape_error(np.shape(part), rows)
+        return np.concatenate(parts)
 
     def bind(self, batch: np.ndarray) -> BoundBatch:
         """`batch` validated once and copied to the provider's device, with its output buffer there too."""
@@ -154,7 +168,7 @@ class BoundBatch:
 
     def logits(self) -> np.ndarray:
         """The last `run()`'s logits, copied to the host and checked (shape, finite values)."""
-        return self._backend.check_logits(self._output.numpy(), self._x, 0)
+        return self._backend.check_logits(self._binding.copy_outputs_to_cpu()[0], self._x, 0)
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:
@@ -183,9 +197,10 @@ def load(path: Path, fmt: Format, threads: int | None, provider: str) -> Backend
     if choice != "cpu" and hasattr(ort, "preload_dlls"):
         _start_gpu_libraries()
     chain = [EXECUTION_PROVIDERS[p] for p in _CHAINS[choice]]
+    with_options = [(EXECUTION_PROVIDERS[p], _OPTIONS.get(p, {})) for p in _CHAINS[choice]]
     try:
         session = ort.InferenceSession(model, _session_options(threads if choice == "cpu" else None),
-                                       providers=chain)
+                                       providers=with_options)
     except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidProtobuf, ...) share no base class
         raise ArtifactError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
     if session.get_providers()[0] != chain[0]:  # ORT falls back silently when a provider cannot start
