@@ -57,9 +57,10 @@ def _formats_flag(parser: argparse.ArgumentParser) -> None:
 
 def _tolerance_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument("--atol", type=float, default=formats.LOGIT_ATOL,
-                        help=f"{prefix}absolute logit tolerance (default {formats.LOGIT_ATOL:g})")
+                        help=f"{prefix}absolute logit tolerance of fp32 formats (default {formats.LOGIT_ATOL:g}; "
+                             "fp16 and int8 files are held to eager's accuracy instead)")
     parser.add_argument("--rtol", type=float, default=formats.LOGIT_RTOL,
-                        help=f"{prefix}relative logit tolerance (default {formats.LOGIT_RTOL:g})")
+                        help=f"{prefix}relative logit tolerance of fp32 formats (default {formats.LOGIT_RTOL:g})")
 
 
 def _provider_flag(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=HELD_OUT_SPLITS, default=HELD_OUT_SPLITS[0])
     p.add_argument("--json-out", type=Path, default=None, help="also write the report as JSON here")
     _tolerance_flags(p)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads per runtime")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per runtime (torch: intra-op; ONNX Runtime: batch slices side by side)")
     _provider_flag(p)
     p.set_defaults(func=_cmd_verify)
 
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG/JPEG files, any size")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--top-k", dest="top_k", type=int, default=1, help="classes shown per image (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runtime")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the runtime (torch: intra-op; ONNX Runtime: batch slices side by side)")
     p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
                    help="use the file even if its sha256 differs from the manifest.json beside it")
     p.add_argument("--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
