@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 # Real CIFAR-10 training split, when this checkout sits beside the shared folder.
 SHARED_TAR := ../shared/data/cifar10-jpg-train.tar.gz
 SHARED_DIR := data/cifar10-jpg
+# The ONNX Runtime build pip installs: cpu (onnxruntime) or gpu (onnxruntime-gpu, CUDA); never both.
+ONNXRUNTIME ?= cpu
 RUN_DIR ?= runs/main
 EXPORT_DIR ?= exports/$(notdir $(RUN_DIR))
 ARGS ?=
@@ -29,7 +31,7 @@ endif
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(ONNXRUNTIME),dev]'
 	$(BIN)/python -c "import toolkit, torch, accelerate, onnxruntime, pytest_benchmark"
 	touch $(STAMP)
 
@@ -55,7 +57,7 @@ test-slow: $(STAMP)
 test-floor:
 	test -x .venv-floor/bin/python || $(PYTHON) -m venv .venv-floor
 	$(PYTHON) tests/floor.py > .venv-floor/constraints.txt
-	.venv-floor/bin/python -m pip install --quiet -c .venv-floor/constraints.txt -e '.[dev]'
+	.venv-floor/bin/python -m pip install --quiet -c .venv-floor/constraints.txt -e '.[cpu,dev]'
 	.venv-floor/bin/python -m pytest -q -p no:cacheprovider
 
 # Every benchmark (none is marked slow; gpu ones skip without CUDA), timings on: one results file

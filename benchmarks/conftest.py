@@ -1,6 +1,9 @@
 """Session fixtures of the benchmark suite: sizes, thread pinning, the trained and exported model,
 the inputs and eager reference logits, and the machine's measured matmul throughput.
 
+Provider: `pytest benchmarks --provider auto|cpu|cuda|tensorrt` chooses where the ONNX Runtime rows of
+test_inference.py run (default `cpu`, so that every row compares with eager on the same CPU).
+
 Sizes: with timings recorded (`--benchmark-enable`, as `make bench` runs) the model is trained
 for one epoch of `--recipe fast` on the shared real CIFAR-10 split when it is present (else on
 synthetic data), and the benchmarks use their full sizes. With benchmarking disabled (`make test`)
@@ -27,7 +30,7 @@ import toolkit
 from benchmarks.common import FULL, ROOT, THREADS_ALL, TINY, Scale, real_data_dir, shown
 from benchmarks.flops import matmul_gflops, tutorialnet_flops
 from toolkit.apps.verify import load_verification_split
-from toolkit.artifacts.backends import load_backend
+from toolkit.artifacts.backends import PROVIDERS, load_backend
 from toolkit.artifacts.export import export_run
 from toolkit.artifacts.manifest import Manifest
 from toolkit.training.data import normalize
@@ -40,10 +43,23 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     machine_info["toolkit_bench"] = {
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "toolkit": toolkit.__version__},
+        "onnxruntime_build": onnxruntime.capi.build_and_package_info.package_name,
         "threads_all": THREADS_ALL,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         **_SESSION,
     }
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--provider", choices=PROVIDERS, default="cpu",
+                     help="where the ONNX Runtime inference rows run (default cpu)")
+
+
+@pytest.fixture(scope="session")
+def provider(pytestconfig: pytest.Config) -> str:
+    """`--provider` for the ONNX Runtime rows; recorded with the session's machine info."""
+    _SESSION["provider"] = pytestconfig.getoption("provider")
+    return _SESSION["provider"]
 
 
 def _benchmarks_enabled(config: pytest.Config) -> bool:

@@ -5,11 +5,22 @@ cores, for about 0.5 s each (tiny when benchmarking is disabled). Its GFLOP/s is
 every other result's `share_of_matmul_peak` (achieved GFLOP/s = images/s × FLOPs per image, forward
 for inference, 3 × forward for training).
 
+`test_onnxruntime_matmul[precision]`: where int8 pays off. One ONNX MatMul, 256×1024 activations times
+1024×1024 weights, in ONNX Runtime on the CPU at 1 thread, fp32 and quantized to int8 exactly as
+`toolkit export` quantizes model.int8.onnx (`toolkit.artifacts.export.write_onnx_int8`: static QDQ,
+symmetric int8, per-channel weights). Wide layers like this one run on int8 dot-product instructions
+(AVX-512 VNNI, AMX); TutorialNet's layers (3 -> 6 -> 16 channels) are too thin for that (README: "ONNX
+Runtime on the CPU").
+
 Also unit tests of the analytic FLOP count (benchmarks/flops.py) against the known layer shapes.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import onnx
 import pytest
 
 from benchmarks.common import THREADS_ALL, Scale, median_seconds, pinned_threads, time_call
@@ -59,3 +70,38 @@ def test_matmul_peak(benchmark, scale: Scale, threads: int | str) -> None:
     median = median_seconds(benchmark)
     if median is not None:
         benchmark.extra_info["gflops"] = 2 * n ** 3 / median / 1e9
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_onnxruntime_matmul(benchmark, scale: Scale, tmp_path: Path, precision: str) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from toolkit.artifacts.export import write_onnx_int8
+    from toolkit.artifacts.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
+    from toolkit.core.images import MEAN, STD
+
+    rows, n = (256, 1024) if scale.full else (16, 64)
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array((rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32), "weights")
+    graph = helper.make_graph([helper.make_node("MatMul", [INPUT_NAME, "weights"], [OUTPUT_NAME])], "matmul",
+                              [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["rows", n])],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["rows", n])], [weights])
+    path = tmp_path / "matmul.onnx"
+    # IR version 10, as toolkit export writes: onnx 1.23 would default to 14, which ONNX Runtime 1.30 refuses.
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    if precision == "int8":
+        metadata = ArtifactMetadata(["x"], list(MEAN), list(STD))
+        write_onnx_int8(path, tmp_path / "matmul.int8.onnx", metadata, x, {"images": rows})
+        path = tmp_path / "matmul.int8.onnx"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    benchmark.group = "compute floor"
+    benchmark.extra_info.update(kind="matmul", label=f"onnxruntime MatMul {rows}×{n}·{n}×{n} {precision}", threads=1,
+                                precision=precision, flops_per_call=2 * rows * n * n)
+    time_call(benchmark, lambda: session.run(None, {INPUT_NAME: x}), scale)
+    median = median_seconds(benchmark)
+    if median is not None:
+        benchmark.extra_info["gflops"] = 2 * rows * n * n / median / 1e9

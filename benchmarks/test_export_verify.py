@@ -3,13 +3,14 @@
 - `test_export[format]`: `toolkit.artifacts.export.export_run(run, out, formats=[format])` on the benchmark
   model (the library call behind `toolkit export`): loading the run's weights, writing that one
   format, the eager weights and manifest.json, hashing them. TorchScript (`torch.jit.script`), ONNX
-  (the torch.export-based exporter + `onnx.checker` full check) and torch.export (.pt2). Three
-  timed exports per format after one warm-up (imports and first-use compilation are a one-off cost
-  of a process, not of an export); all cores.
+  (the torch.export-based exporter + `onnx.checker` full check), ONNX fp16 and int8 (each including
+  the fp32 ONNX export it derives from; int8 also loading the run's training split and calibrating
+  on 512 of its images) and torch.export (.pt2). Three timed exports per format after one warm-up
+  (imports and first-use compilation are a one-off cost of a process, not of an export); all cores.
 - `test_verify`: `toolkit.apps.verify.verify_export` over 10,000 held-out images (the real split's 20 %
-  hold-out when present, else 10,000 synthetic test images): eager, TorchScript, torch.export and
-  ONNX Runtime each run all images (batches of 500) and are compared with eager. Threads: all cores.
-  images_per_s counts images through all four formats. Three timed runs.
+  hold-out when present, else 10,000 synthetic test images): every format of the registry runs all
+  images (batches of 500) and is compared with eager (fp16 and int8 by accuracy). Threads: all cores.
+  images_per_s counts images through all formats. Three timed runs.
 
 With benchmarking disabled each runs once on the tiny model and 200 images.
 """

@@ -1,9 +1,12 @@
 """GPU benchmarks (marked `gpu`): skipped cleanly on a machine without CUDA.
 
-- `test_gpu_onnxruntime[batch]`: ONNX Runtime with the CUDA execution provider through
-  `toolkit.artifacts.backends.load_backend(providers=["CUDAExecutionProvider"])`, batch 1, 64 and 1024, host
-  numpy in and out (as `toolkit predict` uses it); outputs checked against eager on the CPU first.
-  Skipped when this onnxruntime build has no CUDA provider.
+- `test_gpu_onnxruntime[provider-format-batch-io]`: ONNX Runtime on the GPU through
+  `toolkit.artifacts.backends.load_backend(provider=...)` (the same code as `--provider cuda|tensorrt`),
+  for every ONNX format of the registry (fp32, fp16, int8), batch 1, 64 and 1024. io `host`:
+  `predict_logits` with host numpy in and out, as `toolkit predict` uses it; io `device`: IO binding
+  (`OnnxRuntimeBackend.bind`), input and output kept on the GPU, so the time is the GPU's alone.
+  Outputs checked against eager on the CPU first. Skipped, with the reason, when this onnxruntime build
+  lacks the provider or it cannot start (install: README "GPU").
 - `test_gpu_train_step[precision-batch]`: `toolkit.training.train.train_step` on the GPU, fp32 vs bf16
   and fp16 (with loss scaling) autocast, batch 64 and 1024, data already on the device; every round ends with
   `torch.cuda.synchronize()` so the time is the GPU's, not the launch queue's.
@@ -17,13 +20,18 @@ Rounds are calibrated to about 1 s per case, as on the CPU.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from benchmarks.common import Scale, median_seconds, record_throughput, time_call
+from benchmarks.common import Scale, check_against_eager, median_seconds, record_throughput, time_call
 from benchmarks.flops import TRAINING_FACTOR
+from toolkit.artifacts import formats
+from toolkit.artifacts.backends import Backend, load_backend
+from toolkit.core.errors import ConfigError
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
@@ -33,23 +41,38 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
+_ORT_GPU = [(provider, f.name) for provider in ("cuda", "tensorrt") for f in formats.FORMATS
+            if f.runtime == "onnxruntime"]
+_ort_backends: dict[tuple[str, str], Backend] = {}
+
+
+def _ort_backend(export_dir, provider: str, fmt: str) -> Backend:
+    """One backend per (provider, format) for the session; skip when this machine cannot run the provider."""
+    if (provider, fmt) not in _ort_backends:
+        try:
+            _ort_backends[provider, fmt] = load_backend(export_dir / formats.get(fmt).file, provider=provider)
+        except ConfigError as exc:  # no such provider in this onnxruntime build, or it failed to start
+            pytest.skip(str(exc))
+    return _ort_backends[provider, fmt]
+
+
+@pytest.mark.parametrize("io", ["host", "device"])
 @pytest.mark.parametrize("batch", [1, 64, 1024], ids=lambda b: f"b{b}")
-def test_gpu_onnxruntime(benchmark, trained, inputs, scale: Scale, flops_per_image: int, batch: int) -> None:
-    import onnxruntime as ort
-
-    from toolkit.artifacts.backends import load_backend
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    backend = load_backend(trained.export / "model.onnx", providers=["CUDAExecutionProvider"])
-    if backend.providers[0] != "CUDAExecutionProvider":
-        pytest.skip(f"ONNX Runtime fell back to {backend.providers}")
+@pytest.mark.parametrize("provider,fmt", _ORT_GPU, ids=[f"{p}-{f}" for p, f in _ORT_GPU])
+def test_gpu_onnxruntime(benchmark, trained, inputs, scale: Scale, flops_per_image: int, provider: str, fmt: str,
+                         batch: int, io: str) -> None:
+    backend = _ort_backend(trained.export, provider, fmt)
+    check_against_eager(fmt, backend.predict_logits(inputs.images), inputs.eager_logits, gpu=True)
     x = np.ascontiguousarray(inputs.images[:batch])
-    np.testing.assert_allclose(backend.predict_logits(x), inputs.eager_logits[:batch], atol=1e-3, rtol=1e-3)
+    bound = backend.bind(x)
+    bound.run()
+    np.testing.assert_allclose(bound.logits(), backend.predict_logits(x), atol=1e-3, rtol=1e-3)
+    call = bound.run if io == "device" else functools.partial(backend.predict_logits, x)
     benchmark.group = f"gpu inference batch {batch}"
-    benchmark.extra_info.update(kind="inference", backend="onnxruntime-cuda", batch=batch, threads="gpu",
-                                device=_device_name(), flops_per_image=flops_per_image)
-    time_call(benchmark, lambda: backend.predict_logits(x), scale)
+    benchmark.extra_info.update(kind="inference", backend=f"{fmt}-{provider}" + ("-device" if io == "device" else ""),
+                                batch=batch, threads="gpu", device=_device_name(), provider=provider, io=io,
+                                flops_per_image=flops_per_image)
+    time_call(benchmark, call, scale)
     median = median_seconds(benchmark)
     if median is not None:
         record_throughput(benchmark, batch, median, flops_per_image, None)

@@ -1,19 +1,29 @@
 """Inference latency and throughput of every runtime on the trained TutorialNet, side by side.
 
 What: `Backend.predict_logits(batch)` of `toolkit.artifacts.backends` (the same call `toolkit predict` and
-`toolkit verify` make) for eager PyTorch (.safetensors), TorchScript (.ts), torch.export (.pt2) and
-ONNX Runtime (.onnx), at batch 1, 64 and 1024. The timed call includes the backend's input
-validation and the numpy <-> tensor hand-over, as a client sees it.
+`toolkit verify` make) for every format of the registry: eager PyTorch (.safetensors), TorchScript
+(.ts), torch.export (.pt2) and ONNX Runtime (.onnx, and its fp16 and int8 variants), at batch 1, 64 and
+1024. The timed call includes the backend's input and output checks and the numpy <-> tensor
+hand-over, as a client sees it.
+
+`test_session` times the raw `onnxruntime.InferenceSession.run` of the same fp32 session at batch 1,
+without the interface around it (row `onnx-session`): the report states the interface's overhead as
+`predict_logits` / `session.run` - 1 (target: at most 10 %).
 
 Threads: torch formats at 1 and at all cores (`torch.set_num_threads`, process-wide); ONNX Runtime
 with its default session options (intra-op threads chosen by ORT: one per physical core) and with
-`intra_op_num_threads` pinned to 1 and to all cores. "all" is the machine's core count, or
+an explicit count, 1 and all cores (the backend then runs single-threaded sessions over slices of the
+batch on that many threads; `toolkit.artifacts.onnx_runtime`). "all" is the machine's core count, or
 `TOOLKIT_BENCH_THREADS`. Rows are compared with eager at the same batch and thread count (ORT's
 default with eager at all cores).
 
+Provider: ONNX Runtime rows run on `--provider` (default `cpu`; `pytest benchmarks --provider cuda`
+runs them on the GPU, named `onnx-cuda`, ...). benchmarks/test_gpu.py has the GPU rows proper.
+
 Inputs: 1024 normalized images of the held-out split the model did not train on (real CIFAR-10
-when present, else synthetic). Before timing, each runtime's logits are checked against eager's
-(|Δ| <= 1e-4 + 1e-4·|eager|): a fast wrong answer is not a result.
+when present, else synthetic). Before timing, each runtime's logits on all 1024 are checked against
+eager's (`benchmarks.common.check_against_eager`: the verify tolerance for fp32 formats, the same class
+for 95 % of the images for fp16 and int8): a fast wrong answer is not a result.
 
 Rounds: calibrated to about 1 s of timing per case after a warm-up, calls shorter than 2 ms
 repeated within a round; pytest-benchmark's median is the latency per batch.
@@ -24,55 +34,86 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.common import (THREADS_ALL, Scale, median_seconds, pinned_threads, record_throughput, resolve_threads,
-                               time_call)
+from benchmarks.common import (THREADS_ALL, Scale, check_against_eager, median_seconds, pinned_threads,
+                               record_throughput, resolve_threads, time_call)
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import Backend, load_backend
+from toolkit.artifacts.metadata import INPUT_NAME, OUTPUT_NAME
+from toolkit.core.errors import ConfigError
 
 BATCHES = (1, 64, 1024)
+ORT_THREADS = ("default", 1, "all")
 # Every format of the registry; ONNX Runtime also with its own default thread pool.
-CASES = [(f.name, t) for f in formats.FORMATS
-         for t in (("default", 1, "all") if f.runtime == "onnxruntime" else (1, "all"))]
+CASES = [(f.name, t) for f in formats.FORMATS for t in (ORT_THREADS if f.runtime == "onnxruntime" else (1, "all"))]
 
-_loaded: dict[tuple[str, str, int | None], Backend] = {}
+_loaded: dict[tuple[str, str, int | None, str], Backend] = {}
 
 
-def _backend(export_dir, name: str, threads: int | None) -> Backend:
-    """One loaded backend per (format, ORT thread option) for the session.
+def _backend(export_dir, name: str, threads: int | None, provider: str) -> Backend:
+    """One loaded backend per (format, thread option, provider) for the session.
 
     Torch formats share one instance across thread counts: their threads are torch's process-wide
     setting, pinned around each measurement instead.
     """
     fmt = formats.get(name)
-    key = (str(export_dir), name, threads if fmt.runtime == "onnxruntime" else None)
+    onnx = fmt.runtime == "onnxruntime"
+    key = (str(export_dir), name, threads if onnx else None, provider if onnx else "cpu")
     if key not in _loaded:
-        _loaded[key] = load_backend(export_dir / fmt.file, threads=key[2])
+        try:
+            _loaded[key] = load_backend(export_dir / fmt.file, threads=key[2], provider=key[3])
+        except ConfigError as exc:  # --provider names one this onnxruntime build or machine lacks
+            pytest.skip(str(exc))
     return _loaded[key]
+
+
+def _row_name(backend: Backend) -> str:
+    """The format, suffixed with the provider when not the CPU: `onnx-int8`, `onnx-cuda`."""
+    return backend.name if backend.provider == "cpu" else f"{backend.name}-{backend.provider}"
+
+
+def _describe(benchmark, backend: Backend, threads: int | str, count: int | None, torch_threads: int, batch: int,
+              source: str, flops_per_image: int) -> None:
+    benchmark.group = f"inference batch {batch}"
+    benchmark.extra_info.update(
+        kind="inference", backend=_row_name(backend), batch=batch, threads=threads if count is None else count,
+        thread_setting=("ORT default session options" if count is None else
+                        "single-threaded ORT sessions over batch slices on N threads"
+                        if backend.format.runtime == "onnxruntime" else "torch.set_num_threads"),
+        provider=backend.provider, precision=backend.format.precision, torch_threads=torch_threads,
+        file=backend.format.file, data=source, flops_per_image=flops_per_image)
 
 
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("backend,threads", CASES, ids=[f"{b}-t{t}" for b, t in CASES])
-def test_inference(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_per_image: int,
+def test_inference(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_per_image: int, provider: str,
                    backend: str, threads: int | str, batch: int) -> None:
     count = resolve_threads(threads)
-    runtime = _backend(trained.export, backend, count)
+    runtime = _backend(trained.export, backend, count, provider)
     x = np.ascontiguousarray(inputs.images[:batch])
     # ORT's default intra-op pool has one thread per physical core; torch formats always pinned.
     torch_threads = count if count is not None else THREADS_ALL
     with pinned_threads(torch_threads):
-        logits = runtime.predict_logits(x)
-        reference = inputs.eager_logits[:batch]
-        np.testing.assert_allclose(logits, reference, atol=formats.LOGIT_ATOL, rtol=formats.LOGIT_RTOL,
-                                   err_msg=f"{backend} logits differ from eager's: not timing a wrong answer")
-        benchmark.group = f"inference batch {batch}"
-        benchmark.extra_info.update(
-            kind="inference", backend=backend, batch=batch, threads=threads if count is None else count,
-            thread_setting=("ORT default session options" if count is None else
-                            "onnxruntime intra_op_num_threads" if runtime.format.runtime == "onnxruntime"
-                            else "torch.set_num_threads"),
-            torch_threads=torch_threads, file=runtime.format.file, data=inputs.source,
-            max_abs_diff_vs_eager=float(np.abs(logits - reference).max()), flops_per_image=flops_per_image)
+        logits = runtime.predict_logits(inputs.images)
+        check_against_eager(backend, logits, inputs.eager_logits, gpu=runtime.provider != "cpu")
+        _describe(benchmark, runtime, threads, count, torch_threads, batch, inputs.source, flops_per_image)
+        benchmark.extra_info["max_abs_diff_vs_eager"] = float(np.abs(logits - inputs.eager_logits).max())
         time_call(benchmark, lambda: runtime.predict_logits(x), scale)
     median = median_seconds(benchmark)  # seconds per batch; None when benchmarking is disabled
     if median is not None:
         record_throughput(benchmark, batch, median, flops_per_image, matmul_peak(torch_threads))
+
+
+@pytest.mark.parametrize("threads", ORT_THREADS, ids=lambda t: f"t{t}")
+def test_session(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_per_image: int, provider: str,
+                 threads: int | str) -> None:
+    """The raw `InferenceSession.run` of the session behind the `onnx` rows, batch 1: the interface's cost."""
+    count = resolve_threads(threads)
+    runtime = _backend(trained.export, formats.ONNX.name, count, provider)
+    session, x = runtime.session, np.ascontiguousarray(inputs.images[:1])
+    np.testing.assert_array_equal(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], runtime.predict_logits(x))
+    _describe(benchmark, runtime, threads, count, count or THREADS_ALL, 1, inputs.source, flops_per_image)
+    benchmark.extra_info.update(backend=f"{_row_name(runtime)}-session", timed="InferenceSession.run, no checks")
+    time_call(benchmark, lambda: session.run([OUTPUT_NAME], {INPUT_NAME: x}), scale)
+    median = median_seconds(benchmark)
+    if median is not None:
+        record_throughput(benchmark, 1, median, flops_per_image, matmul_peak(count or THREADS_ALL))

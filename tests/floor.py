@@ -1,4 +1,4 @@
-"""Print pip constraints pinning every dependency of pyproject.toml (and its `dev` extra) to the lowest
+"""Print pip constraints pinning every dependency of pyproject.toml (and its `cpu` and `dev` extras) to the lowest
 version the project declares: `make test-floor` installs them into .venv-floor and runs the suite,
 so the floor of every declared range is a tested version, not a guess."""
 
@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def floors() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     out = []
-    for line in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+    extras = project["optional-dependencies"]
+    for line in [*project["dependencies"], *extras["cpu"], *extras["dev"]]:
         req = Requirement(line)
         lowest = [s.version for s in req.specifier if s.operator == ">="]
         if not lowest:

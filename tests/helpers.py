@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from PIL import Image
 
-from toolkit.artifacts.formats import FORMATS
+from toolkit.artifacts.formats import FORMATS, LogitTolerance
 from toolkit.core.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,17 @@ TRAIN_ARGS = ["--data", "synthetic", "--synthetic-train-size", "500", "--synthet
 CLASSES = [f"class{i}" for i in range(10)]
 # Each format's file in an export folder.
 FILES = {f.name: f.file for f in FORMATS}
+# Formats whose logits must equal eager's within the verify tolerance (fp32); the others (fp16, int8) are
+# held to eager's accuracy instead (`Format.tolerance`).
+EXACT = {f.name for f in FORMATS if isinstance(f.tolerance, LogitTolerance)}
+
+
+def assert_like_eager(name: str, logits: np.ndarray, reference: np.ndarray) -> None:
+    """Logits of format `name` for the batch eager gave `reference` for: N×classes finite float32, and for fp32
+    formats within the verify tolerance of eager's (fp16 and int8 differ by design; verify checks their accuracy)."""
+    assert logits.dtype == np.float32 and logits.shape == reference.shape and np.isfinite(logits).all(), name
+    if name in EXACT:
+        np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
 @dataclass(frozen=True)
@@ -155,7 +167,7 @@ def parse_report(text: str) -> dict:
     per_class = dict(re.findall(r"^Accuracy for class: (\S+)\s+is ([\d.]+) %$", text, re.M))
     rows = {m[0]: {"file": m[1], "size": m[2], "sha256": m[3], "max_diff": m[4], "agreement": m[5],
                    "accuracy": m[6], "result": m[7]}
-            for m in re.findall(r"^\| (\w+) \| `([^`]+)` \| (\S+ KiB|\?) \| `?(\w+|\?)`? \| (\S+) \| ([\d.]+) % \| "
+            for m in re.findall(r"^\| ([\w-]+) \| `([^`]+)` \| (\S+ KiB|\?) \| `?(\w+|\?)`? \| (\S+) \| ([\d.]+) % \| "
                                 r"([\d.]+) % \| (ok|\*\*FAIL\*\*) \|$", text, re.M)}
     return {"n": overall[1], "split": overall[2], "accuracy": overall[3], "per_class": per_class, "formats": rows}
 

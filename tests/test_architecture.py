@@ -22,7 +22,8 @@ PACKAGE = ROOT / "toolkit"
 LAYERS = ("core", "training", "artifacts", "apps")
 # Modules that must import without torch: the command line, serving an ONNX model, and `toolkit status`.
 TORCH_FREE = ("toolkit.apps.cli", "toolkit.apps.predict", "toolkit.artifacts.backends",
-              "toolkit.artifacts.onnx_runtime", "toolkit.training.config", "toolkit.training.status",
+              "toolkit.artifacts.onnx_runtime", "toolkit.artifacts.onnx_checks", "toolkit.training.config",
+              "toolkit.training.status",
               "toolkit.core.images")
 
 

@@ -25,7 +25,8 @@ RUN_ARGS = ["--data", "synthetic", "--synthetic-train-size", "400", "--synthetic
 PICTURES = ("training.png", "confusion.png", "per_class.png", "predictions.png")
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "eval.json", "verify.json", "export_manifest.json",
              "report.md", "plots/predictions.npz", *(f"plots/{p}" for p in PICTURES))
-EXPORT_FILES = ("manifest.json", "model.safetensors", "model.ts", "model.onnx", "model.pt2")
+EXPORT_FILES = ("manifest.json", "model.safetensors", "model.ts", "model.onnx", "model.fp16.onnx", "model.int8.onnx",
+                "model.pt2")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import Export, assert_clean_error, assert_ok, cli, edit_onnx, rehash
+from tests.helpers import FILES, ROOT, Export, assert_clean_error, assert_ok, cli, edit_onnx, rehash
+from toolkit.core.errors import ArtifactError, ConfigError, DataError, InputError
 from toolkit.training.data import make_synthetic, write_imagefolder
-from toolkit.apps.predict import predict_images
+from toolkit.apps.predict import load, predict_images
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str]]:
     return [(p, p.parent.name) for p in sorted(root.glob("*/*.png"))]
 
 
-@pytest.mark.parametrize("artifact", ["model.onnx", "model.ts", "model.pt2"])
+@pytest.mark.parametrize("artifact", [f for f in FILES.values() if f != "model.safetensors"])
 def test_predict_labels_synthetic_images(exported: Export, images, capsys, artifact: str) -> None:
     proc = cli(capsys, "predict", exported.dir / artifact, *[p for p, _ in images], "--json")
     assert_ok(proc)
@@ -33,6 +36,75 @@ def test_predict_labels_synthetic_images(exported: Export, images, capsys, artif
     assert [p["image"] for p in predictions] == [str(p) for p, _ in images]
     assert [p["class"] for p in predictions] == [label for _, label in images]
     assert all(0.1 < p["probability"] <= 1.0 and p["top_k"][0]["class"] == p["class"] for p in predictions)
+    assert {p["provider"] for p in predictions} == {"cpu"}  # where it ran; torch formats always on the CPU
+
+
+@pytest.mark.parametrize("artifact", ["model.onnx", "model.fp16.onnx", "model.int8.onnx"])
+def test_predicting_with_an_onnx_file_never_imports_torch(exported: Export, images, artifact: str) -> None:
+    """`toolkit predict` and the Python API serve .onnx files with onnxruntime, numpy and PIL only (not even the
+    `onnx` package): torch alone takes longer to import than the whole prediction."""
+    code = f"""
+import sys
+from toolkit.apps.cli import main
+assert main(["predict", {str(exported.dir / artifact)!r}, {str(images[0][0])!r}]) == 0
+from toolkit.apps.predict import load
+load({str(exported.dir / artifact)!r}).predict([{str(images[1][0])!r}])
+heavy = sorted(m for m in ("torch", "onnx", "torchvision", "accelerate", "matplotlib") if m in sys.modules)
+assert not heavy, heavy
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_ok(proc)
+    assert proc.stdout.split()[1] == images[0][1]
+
+
+def test_the_python_api_takes_files_pil_images_and_arrays(exported: Export, images) -> None:
+    """`load(path).predict(...)`: one image or many, as file paths, PIL images, uint8 pixels (3×32×32 or H×W×3 of
+    any size) or float32 normalized pixels, mixed freely; the same labels and probabilities as the files give."""
+    model = load(exported.dir / "model.onnx")
+    assert model.classes == [f"class{i}" for i in range(10)] and model.provider == "cpu"
+    paths = [p for p, _ in images[:4]]
+    labels = [label for _, label in images[:4]]
+    by_file = model.predict(paths, top_k=3)
+    assert [p.label for p in by_file] == labels and [p.image for p in by_file] == [str(p) for p in paths]
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # N×32×32×3 uint8
+    chw = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    big = Image.fromarray(pixels[2]).resize((64, 64), Image.NEAREST)  # 64×64: resized back like training data
+    normalized = model.backend.metadata.normalize(chw)
+    for given in (chw, list(chw), [Image.open(p) for p in paths], list(pixels), normalized, list(normalized),
+                  [str(paths[0]), Image.open(paths[1]), chw[2], normalized[3]]):
+        predictions = model.predict(given, top_k=3)
+        assert [p.label for p in predictions] == labels
+        for a, b in zip(predictions, by_file):
+            assert [c for c, _ in a.top] == [c for c, _ in b.top]
+            np.testing.assert_allclose([q for _, q in a.top], [q for _, q in b.top], atol=1e-5)
+    assert [p.image for p in model.predict(chw)] == ["[0]", "[1]", "[2]", "[3]"]
+    assert model.predict(big)[0].label == labels[2] and model.predict(chw[0])[0].label == labels[0]
+    assert model.predict(paths[0])[0].image == str(paths[0])
+
+
+@pytest.mark.parametrize("given, fragments", [
+    (np.zeros((32, 32), np.uint8), ["image [0]", "expected a file path, a PIL image", "got a uint8 array of shape 32×32"]),
+    (np.zeros((3, 28, 28), np.float32), ["image [0]", "float32 array of shape 3×28×28"]),
+    (np.zeros((3, 32, 32), np.float64), ["float64 array"]),
+    ([1.5], ["image [0]", "got float"]),
+    ([], ["no images given"]),
+    (np.full((1, 3, 32, 32), np.nan, np.float32), ["NaN or inf"]),
+    ("missing.png", ["missing.png", "cannot read image (no such file)"]),
+], ids=["gray-array", "float-size", "float64", "number", "empty", "nan", "missing"])
+def test_the_python_api_refuses_bad_images_in_one_line(exported: Export, given, fragments: list[str]) -> None:
+    with pytest.raises((InputError, ConfigError, DataError)) as info:
+        load(exported.dir / "model.onnx").predict(given)
+    assert "\n" not in str(info.value) and all(f in str(info.value) for f in fragments), str(info.value)
+
+
+def test_the_python_api_checks_the_manifest_and_works_on_every_format(exported: Export, images, tmp_path: Path) -> None:
+    for file in FILES.values():
+        assert load(exported.dir / file).predict(images[0][0])[0].label == images[0][1], file
+    folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
+    edit_onnx(folder / "model.int8.onnx", lambda m: m.metadata_props.add(key="note", value="changed"))
+    with pytest.raises(ArtifactError, match="sha256 .* differs from manifest.json"):
+        load(folder / "model.int8.onnx")
+    assert load(folder / "model.int8.onnx", check_hash=False).predict(images[0][0])[0].label == images[0][1]
 
 
 def test_predict_text_output_top_k_and_threads(exported: Export, images, capsys) -> None:
@@ -97,6 +169,9 @@ def test_predict_bad_inputs(exported: Export, images, tmp_path: Path, capsys) ->
         ([tmp_path / "notes.png", image], ["notes.png", "unsupported artifact type"]),
         ([onnx_file, image, "--top-k", "11"], ["--top-k", "between 1 and 10", "11"]),
         ([onnx_file, image, "--threads", "0"], ["--threads", ">= 1"]),
+        ([onnx_file, image, "--provider", "cuda"], ["--provider cuda", "has no CUDAExecutionProvider",
+                                                    "pip install 'cifar-toolkit[gpu]'"]),
+        ([exported.dir / "model.pt2", image, "--provider", "tensorrt"], ["--provider tensorrt", "runs on the CPU"]),
     ]
     for args, fragments in cases:
         assert_clean_error(cli(capsys, "predict", *args), *fragments)

@@ -95,7 +95,8 @@ def test_report_numbers_equal_the_json(built):
     text = (built / "report.md").read_text()
     assert parse_report(text) == expected_numbers(_json(built / "eval.json"), _json(built / "verify.json"),
                                                   _json(built / "export_manifest.json"))
-    assert "all 3 exported formats (torchscript, pt2, onnx) match the eager model" in text
+    exported = [f.name for f in FORMATS if f.name != "eager"]
+    assert f"all {len(exported)} exported formats ({', '.join(exported)}) match the eager model" in text
     assert "62,006 parameters" in text  # the tutorial net, counted from the weights file
     assert "| 1 | 3 | 0.6667 | 1.5000 | 30.0 % | 0.3 |" in text  # the epoch table, from metrics.jsonl
     assert "1 mistake(s)" in text  # the grid: class3 predicted as class4
@@ -118,9 +119,10 @@ def test_toolkit_report_rebuilds_the_same_report(built, capsys):
 
 def test_failed_verification_is_shown(tmp_path):
     text = markdown(make_run(tmp_path, failing=True))
-    assert "**FAILED**: onnx differ(s) from the eager model" in text
-    assert parse_report(text)["formats"]["onnx"]["result"] == "**FAIL**"
-    assert "- **FAIL** onnx (`model.onnx`): max |Δlogit| 1 exceeds the tolerance" in text
+    last = FORMATS[-1]  # the one make_run fails
+    assert f"**FAILED**: {last.name} differ(s) from the eager model" in text
+    assert parse_report(text)["formats"][last.name]["result"] == "**FAIL**"
+    assert f"- **FAIL** {last.name} (`{last.file}`): max |Δlogit| 1 exceeds the tolerance" in text
 
 
 def test_a_program_that_was_not_loaded_is_shown_without_numbers(tmp_path):

@@ -12,13 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from tests.helpers import FILES, Export, edit_onnx, rewrite_zip
+from tests.helpers import FILES, Export, assert_like_eager, edit_onnx, rewrite_zip
 from toolkit.artifacts import backends as backends_module
 from toolkit.artifacts.backends import Backend, load_backend
 from toolkit.artifacts.metadata import ArtifactMetadata
-from toolkit.artifacts.onnx_runtime import default_providers
 from toolkit.core.images import MEAN, STD
 from toolkit.training.data import make_synthetic, normalize
 from toolkit.core.errors import ArtifactError, ConfigError, InputError
@@ -35,10 +34,8 @@ def test_every_backend_gives_the_eager_logits_at_any_batch_size(backends: dict[s
     reference = backends["eager"].predict_logits(x)
     assert reference.shape == (n, 10) and reference.dtype == np.float32
     for name, backend in backends.items():
-        assert backend.name == name
-        logits = backend.predict_logits(x)
-        assert logits.shape == (n, 10) and logits.dtype == np.float32, name
-        np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=1e-4, err_msg=name)
+        assert backend.name == name and backend.provider == "cpu"
+        assert_like_eager(name, backend.predict_logits(x), reference)
 
 
 def test_torch_tensors_and_numpy_arrays_give_the_same_logits(backends: dict[str, Backend]) -> None:
@@ -135,17 +132,135 @@ def test_onnx_without_toolkit_metadata_is_refused(exported: Export, tmp_path: Pa
         load_backend(path)
 
 
-def test_onnx_runtime_threads_and_providers(exported: Export, monkeypatch) -> None:
+def test_onnx_runtime_threads_and_providers(exported: Export) -> None:
+    for provider in ("auto", "cpu"):  # auto: the CPU, since this onnxruntime build has no CUDA
+        backend = load_backend(exported.dir / "model.onnx", threads=2, provider=provider)
+        assert backend.providers == ["CPUExecutionProvider"] and backend.provider == "cpu"
+        # An explicit thread count: single-threaded sessions over slices of the batch on that many threads.
+        assert backend.session.get_session_options().intra_op_num_threads == 1
+    default = load_backend(exported.dir / "model.onnx").session.get_session_options()
+    assert default.intra_op_num_threads == 0  # ONNX Runtime's own choice
+    assert default.graph_optimization_level.name == "ORT_ENABLE_ALL"
+
+
+def test_slices_of_a_batch_on_several_threads_give_the_same_logits(exported: Export, monkeypatch) -> None:
+    from toolkit.artifacts import onnx_runtime
+
+    monkeypatch.setattr(onnx_runtime, "SLICE", 4)  # 11 images: slices of 4, 4 and 3
+    x = np.random.default_rng(3).standard_normal((11, 3, 32, 32)).astype(np.float32)
+    whole = load_backend(exported.dir / "model.onnx").predict_logits(x)
+    for threads in (1, 2, 3):
+        backend = load_backend(exported.dir / "model.onnx", threads=threads)
+        calls: list[int] = []
+        real = backend.session.run
+        backend.session.run = lambda names, feed: calls.append(len(feed["images"])) or real(names, feed)
+        np.testing.assert_allclose(backend.predict_logits(x), whole, atol=1e-5, rtol=1e-5)
+        assert sorted(calls) == [3, 4, 4]
+        calls.clear()
+        backend.predict_logits(x[:4])  # at most one slice: one call, on the caller's thread
+        assert calls == [4]
+
+
+def test_an_onnx_model_with_the_wrong_number_of_classes_is_an_artifact_error(exported: Export, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """5 logits per image where the metadata names 10 classes: one line, whether the batch runs whole or in slices."""
+    from toolkit.artifacts import onnx_runtime
+
+    weights = numpy_helper.from_array(np.zeros((3 * 32 * 32, 5), np.float32), "weights")
+    shape = numpy_helper.from_array(np.array([-1, 3 * 32 * 32], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["images", "shape"], ["flat"]),
+                               helper.make_node("MatMul", ["flat", "weights"], ["logits"])], "five",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], [weights, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    helper.set_model_props(model, load_backend(exported.dir / "model.onnx").metadata.to_strings())
+    onnx.save_model(model, str(tmp_path / "five.onnx"))
+    monkeypatch.setattr(onnx_runtime, "SLICE", 4)
+    x = np.zeros((9, 3, 32, 32), np.float32)
+    for threads, expected in ((None, r"\(9, 5\) for 9 images; expected \(9, 10\)"),
+                              (2, r"\(4, 5\) for 4 images; expected \(4, 10\)")):
+        with pytest.raises(ArtifactError, match=r"five\.onnx: the model returned logits of shape " + expected):
+            load_backend(tmp_path / "five.onnx", threads=threads).predict_logits(x)
+
+
+def test_io_binding_runs_the_same_model_on_the_device(exported: Export) -> None:
+    """`bind` (device "cpu" here, "cuda" on a GPU): the batch is checked once, copied once, and every `run()`
+    leaves the logits on the device until `logits()` copies them out and checks them."""
+    backend = load_backend(exported.dir / "model.onnx", threads=1, provider="cpu")
+    x = np.random.default_rng(4).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    bound = backend.bind(x)
+    assert len(bound) == 5
+    bound.run()
+    np.testing.assert_array_equal(bound.logits(), backend.predict_logits(x))
+    bad = x.copy()
+    bad[2, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN or inf values in 1 image"):
+        backend.bind(bad)
+    with pytest.raises(InputError, match="expected dtype float32"):
+        backend.bind(x.astype(np.float64))
+
+
+@pytest.mark.parametrize("available, choice, expected", [
+    (["CPUExecutionProvider"], "auto", "cpu"),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "auto", "cuda"),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "auto", "cuda"),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "tensorrt", "tensorrt"),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu", "cpu"),
+])
+def test_provider_choice(available: list[str], choice: str, expected: str) -> None:
+    """`auto` is CUDA when the build has it (TensorRT only on request: it builds engines on first use)."""
+    from toolkit.artifacts.onnx_runtime import resolve_provider
+
+    assert resolve_provider(choice, available) == expected
+
+
+def test_a_missing_provider_is_one_line_naming_the_build_and_the_fix(exported: Export, monkeypatch) -> None:
+    from importlib import metadata
+
+    for choice, name in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
+        with pytest.raises(ConfigError) as info:
+            load_backend(exported.dir / "model.onnx", provider=choice)
+        message = str(info.value)
+        assert "\n" not in message and f"--provider {choice}" in message and f"has no {name}" in message
+        assert "onnxruntime 1." in message and "pip install 'cifar-toolkit[gpu]'" in message
+    # Both builds installed: they share the `onnxruntime` module, and the message says so.
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version",
+                        lambda name: "1.31.1" if name == "onnxruntime-gpu" else real(name))
+    with pytest.raises(ConfigError, match=r"onnxruntime 1\.\d+\.\d+ and onnxruntime-gpu 1\.31\.1 are both installed "
+                                          r"and shadow each other .* pip uninstall -y onnxruntime onnxruntime-gpu"):
+        load_backend(exported.dir / "model.onnx", provider="cuda")
+    with pytest.raises(ConfigError, match="--provider: expected one of auto, cpu, cuda, tensorrt, got 'gpu'"):
+        load_backend(exported.dir / "model.onnx", provider="gpu")
+    with pytest.raises(ConfigError, match=r"model\.ts is a torchscript file, which runs on the CPU with torch"):
+        load_backend(exported.dir / "model.ts", provider="cuda")
+
+
+def test_a_provider_that_cannot_start_is_an_error_not_a_silent_fall_back(exported: Export, monkeypatch) -> None:
+    """A GPU build whose CUDA libraries are missing lists the provider but runs on the CPU: refused, one line."""
     import onnxruntime
 
-    backend = load_backend(exported.dir / "model.onnx", threads=1, providers=["CPUExecutionProvider"])
-    assert backend.providers == ["CPUExecutionProvider"]
-    assert backend.session.get_session_options().intra_op_num_threads == 1
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert default_providers() == ["CPUExecutionProvider"]
     monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: None, raising=False)
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):  # onnxruntime's own note, before ours
+        with pytest.raises(ConfigError) as info:
+            load_backend(exported.dir / "model.onnx", provider="cuda")
+    message = str(info.value)
+    assert "could not start CUDAExecutionProvider" in message and "fell back to CPUExecutionProvider" in message
+    assert "\n" not in message
+
+
+def test_without_onnxruntime_an_onnx_file_is_one_line_saying_what_to_install(exported: Export, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails as if not installed
+    monkeypatch.delitem(sys.modules, "toolkit.artifacts.onnx_runtime", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_backend(exported.dir / "model.int8.onnx")
+    assert str(info.value) == (f"{exported.dir / 'model.int8.onnx'}: onnx-int8 files run on onnxruntime, which is not "
+                               "installed: pip install 'cifar-toolkit[cpu]' for the CPU build, or 'cifar-toolkit[gpu]' "
+                               "for CUDA and TensorRT (never both)")
 
 
 def test_max_batch_bounds_each_call_and_large_batches_run_in_chunks(exported: Export, backends: dict[str, Backend],
@@ -156,7 +271,7 @@ def test_max_batch_bounds_each_call_and_large_batches_run_in_chunks(exported: Ex
     for name, file in FILES.items():
         backend = load_backend(exported.dir / file, max_batch=7)
         assert backend.max_batch == 7
-        np.testing.assert_allclose(backend.predict_logits(x), reference, atol=1e-4, rtol=1e-4, err_msg=name)
+        assert_like_eager(name, backend.predict_logits(x), reference)
         with pytest.raises(InputError) as info:
             backend.predict_logits(np.concatenate([x, x[:1]]))
         assert "batch of 8 images exceeds the limit of 7" in str(info.value) and "--max-batch" in str(info.value)
@@ -188,14 +303,17 @@ def test_any_tensor_or_array_is_checked_before_conversion(backends: dict[str, Ba
         for case, (batch, fragment) in rejected.items():
             with pytest.raises(InputError, match=fragment):
                 backend.predict_logits(batch)
-        for batch in (swapped, readonly, torch.from_numpy(good).requires_grad_()):
-            np.testing.assert_allclose(backend.predict_logits(batch), reference, atol=1e-4, rtol=1e-4, err_msg=name)
+        for batch in (swapped, readonly, torch.from_numpy(good).requires_grad_(), np.asfortranarray(good)):
+            assert_like_eager(name, backend.predict_logits(batch), reference)
 
 
 def test_inputs_that_overflow_the_model_are_an_error_not_nan_logits(backends: dict[str, Backend]) -> None:
     x = np.zeros((3, 3, 32, 32), np.float32)
     x[1] = 3e38  # finite, but the first layer overflows to inf and the logits become NaN
     for name, backend in backends.items():
+        if backend.format.precision == "int8":  # quantizing saturates the input to the calibrated range
+            assert np.isfinite(backend.predict_logits(x)).all(), name
+            continue
         with pytest.raises(InputError) as info:
             backend.predict_logits(x)
         message = str(info.value)
@@ -203,8 +321,6 @@ def test_inputs_that_overflow_the_model_are_an_error_not_nan_logits(backends: di
 
 
 def test_a_model_that_gives_nan_for_ordinary_inputs_is_an_artifact_error(exported: Export, tmp_path: Path) -> None:
-    from onnx import numpy_helper
-
     def nan_bias(model) -> None:
         bias = next(t for t in model.graph.initializer if t.name == "fc3.bias")
         values = numpy_helper.to_array(bias).copy()

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from tests.helpers import CLASSES, Export, assert_clean_error, assert_ok, cli
+from tests.helpers import CLASSES, FILES, Export, assert_clean_error, assert_like_eager, assert_ok, cli
 from toolkit.artifacts.backends import load_backend
 from toolkit.artifacts.manifest import Manifest
 from toolkit.artifacts.metadata import METADATA_KEYS, ArtifactMetadata
@@ -32,12 +32,14 @@ def _batches() -> dict[int, np.ndarray]:
 def test_export_writes_every_format_and_a_complete_manifest(exported: Export) -> None:
     names = {p.name for p in exported.dir.iterdir()}
     # One self-contained file per format: no `.onnx.data` or other external-data file.
-    assert names == {"model.ts", "model.onnx", "model.pt2", "model.safetensors", "manifest.json"}
+    assert names == {"model.ts", "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.pt2", "model.safetensors",
+                     "manifest.json"} == {*FILES.values(), "manifest.json"}
     manifest = json.loads((exported.dir / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         assert entry["size"] == (exported.dir / name).stat().st_size
         assert entry["sha256"] == sha256_file(exported.dir / name)
-    assert {e["format"] for e in manifest["files"].values()} == {"torchscript", "onnx", "pt2", "eager"}
+    assert {e["format"]: e["precision"] for e in manifest["files"].values()} == {
+        "torchscript": "fp32", "onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8", "pt2": "fp32", "eager": "fp32"}
     assert manifest["files"]["model.ts"]["method"] == "script"
     assert manifest["files"]["model.onnx"]["exporter"] == "dynamo"
     assert manifest["opset"] >= 18 and manifest["files"]["model.onnx"]["opset"] == manifest["opset"]
@@ -72,15 +74,17 @@ def test_onnx_file_is_checked_self_contained_and_dynamic(exported: Export) -> No
     assert isinstance(dims[0], str) and dims[0] and dims[1:] == [3, 32, 32]
 
 
-def test_onnx_loads_with_only_onnxruntime(exported: Export, tmp_path: Path) -> None:
-    """A client with onnxruntime (no torch) and the one file can label images: batches 1, 7, 64."""
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-fp16", "onnx-int8"])
+def test_onnx_loads_with_only_onnxruntime(exported: Export, tmp_path: Path, fmt: str) -> None:
+    """A client with onnxruntime (no torch) and the one file can label images: batches 1, 7, 64. The fp16 and
+    int8 files take and give the same fp32 tensors as model.onnx and carry the same metadata."""
     batches = _batches()
     for n, x in batches.items():
         np.save(tmp_path / f"x{n}.npy", x)
     snippet = f"""
 import json, sys
 import numpy as np, onnxruntime as ort
-sess = ort.InferenceSession({str(exported.dir / 'model.onnx')!r}, providers=["CPUExecutionProvider"])
+sess = ort.InferenceSession({str(exported.dir / FILES[fmt])!r}, providers=["CPUExecutionProvider"])
 meta = sess.get_modelmeta().custom_metadata_map
 for n in (1, 7, 64):
     x = np.load({str(tmp_path)!r} + f"/x{{n}}.npy")
@@ -94,7 +98,72 @@ print(json.dumps(meta))
     assert meta == {**EXPECTED_METADATA, "toolkit_version": meta["toolkit_version"]} and meta["toolkit_version"]
     eager = load_backend(exported.dir / "model.safetensors")
     for n, x in batches.items():
-        np.testing.assert_allclose(np.load(tmp_path / f"onnx{n}.npy"), eager.predict_logits(x), atol=1e-4, rtol=1e-4)
+        assert_like_eager(fmt, np.load(tmp_path / f"onnx{n}.npy"), eager.predict_logits(x))
+
+
+def test_fp16_and_int8_files(exported: Export) -> None:
+    """Same input and output as model.onnx (`images` fp32 N×3×32×32, `logits` fp32, dynamic batch) and the same
+    metadata; fp16 weights; int8 weights in QDQ form, per output channel; how each was made in the manifest."""
+    reference = onnx.load(str(exported.dir / "model.onnx"))
+    manifest = json.loads((exported.dir / "manifest.json").read_text())["files"]
+
+    def signature(model: onnx.ModelProto) -> list:
+        return [(v.name, v.type.tensor_type.elem_type, [bool(d.dim_param) or d.dim_value for d in v.type.tensor_type.shape.dim])
+                for v in (*model.graph.input, *model.graph.output)]
+
+    for file, weight_type in (("model.fp16.onnx", onnx.TensorProto.FLOAT16), ("model.int8.onnx", onnx.TensorProto.INT8)):
+        model = onnx.load(str(exported.dir / file), load_external_data=False)
+        onnx.checker.check_model(model, full_check=True)
+        assert signature(model) == signature(reference) == [("images", onnx.TensorProto.FLOAT, [True, 3, 32, 32]),
+                                                              ("logits", onnx.TensorProto.FLOAT, [True, 10])], file
+        assert {p.key: p.value for p in model.metadata_props} == {p.key: p.value for p in reference.metadata_props}
+        weights = {t.name: t for t in model.graph.initializer}
+        assert any(t.data_type == weight_type and len(t.dims) == 4 for t in weights.values()), file  # conv weights
+        assert manifest[file]["derived_from"] == "model.onnx" and manifest[file]["opset"] == 18
+    int8 = onnx.load(str(exported.dir / "model.int8.onnx"))
+    ops = {n.op_type for n in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    conv_scale = next(t for t in int8.graph.initializer if t.name.startswith("conv1.weight") and "scale" in t.name)
+    assert list(conv_scale.dims) == [6]  # one scale per output channel
+    assert manifest["model.int8.onnx"]["calibration"] == {"split": "train", "images": 450, "seed": 0,
+                                                          "data": "synthetic", "method": "MinMax"}
+
+
+def test_int8_calibration_images_are_fixed_training_images(exported: Export) -> None:
+    from toolkit.artifacts import export as export_module
+    from toolkit.training.data import load_splits
+
+    source = export_module.load_source(exported.run)
+    metadata = ArtifactMetadata(source.classes, list(MEAN), list(STD))
+    job = export_module.ExportJob(source, metadata, exported.dir)
+    first, info = job.calibration()
+    again, _ = job.calibration()
+    np.testing.assert_array_equal(first, again)  # seeded: the same images every time
+    splits = load_splits(source.record.config.data)
+    assert info["images"] == len(first) == min(export_module.CALIBRATION_IMAGES, len(splits.train)) == 450
+    train = metadata.normalize(splits.train.images.numpy())
+    held_out = metadata.normalize(splits.held_out("test")[0].images.numpy())
+    as_rows = {row.tobytes() for row in train}
+    assert all(image.tobytes() in as_rows for image in first)  # training images only...
+    assert not {image.tobytes() for image in first} & {row.tobytes() for row in held_out}  # ...never held-out ones
+
+
+def test_derived_formats_alone_and_a_missing_calibration_set(exported: Export, tmp_path: Path, capsys) -> None:
+    """--formats onnx-int8 without onnx: model.onnx is made on the side and not kept. Without the run's training
+    data, int8 calibration is one line that says how to export without it."""
+    out = tmp_path / "int8-only"
+    assert_ok(cli(capsys, "export", "--run", exported.run, "--out", out, "--formats", "onnx-int8,onnx-fp16"))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.fp16.onnx", "model.int8.onnx",
+                                                     "model.safetensors"]
+    run = Path(shutil.copytree(exported.run, tmp_path / "moved-run"))
+    config = json.loads((run / "config.json").read_text())
+    config["data"].update(data="imagefolder", data_dir=str(tmp_path / "gone"))
+    (run / "config.json").write_text(json.dumps(config))
+    proc = cli(capsys, "export", "--run", run, "--out", tmp_path / "x")
+    assert_clean_error(proc, "onnx-int8 calibration needs the run's training images", str(tmp_path / "gone"),
+                       "--formats torchscript,pt2,onnx,onnx-fp16")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+    assert_ok(cli(capsys, "export", "--run", run, "--out", tmp_path / "x", "--formats", "torchscript,pt2,onnx,onnx-fp16"))
 
 
 def test_torchscript_and_pt2_load_with_only_torch(exported: Export, tmp_path: Path) -> None:
@@ -134,7 +203,7 @@ print(json.dumps(out))
 
 def test_metadata_round_trips_through_every_format(exported: Export) -> None:
     manifest = json.loads((exported.dir / "manifest.json").read_text())
-    for name in ("model.ts", "model.onnx", "model.pt2", "model.safetensors"):
+    for name in FILES.values():
         meta = load_backend(exported.dir / name).metadata
         assert (meta.class_names, meta.mean, meta.std, meta.input_layout) == \
                (manifest["class_names"], manifest["mean"], manifest["std"], "NCHW"), name

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.helpers import CLASSES, FILES, Export, run_cli
+from tests.helpers import CLASSES, FILES, Export, assert_like_eager, run_cli
 from toolkit.artifacts.backends import Backend, load_backend
 from toolkit.core.errors import ArtifactError, ConfigError, DataError, InputError
 from toolkit.apps.predict import predict_images
@@ -96,10 +96,7 @@ def test_every_backend_returns_the_eager_logits_or_a_clear_input_error(backends:
     if _is_valid(x):
         reference = backends["eager"].predict_logits(x)
         for name, backend in backends.items():
-            logits = backend.predict_logits(x)
-            assert logits.dtype == np.float32 and logits.shape == (len(x), len(CLASSES)), name
-            assert np.isfinite(logits).all(), name
-            np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=1e-4, err_msg=name)
+            assert_like_eager(name, backend.predict_logits(x), reference)
         return
     fragment = _expected_fragment(x)
     for name, backend in backends.items():
@@ -118,9 +115,7 @@ def test_valid_batches_give_the_eager_logits_on_every_backend(backends: dict[str
     x = (np.random.default_rng(seed).standard_normal((n, 3, 32, 32)) * scale).astype(np.float32)
     reference = backends["eager"].predict_logits(x)
     for name, backend in backends.items():
-        logits = backend.predict_logits(torch.from_numpy(x) if as_tensor else x)
-        assert logits.dtype == np.float32 and logits.shape == (n, 10) and np.isfinite(logits).all(), name
-        np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=1e-4, err_msg=name)
+        assert_like_eager(name, backend.predict_logits(torch.from_numpy(x) if as_tensor else x), reference)
 
 
 @PROPERTY
@@ -159,7 +154,8 @@ def damaged(draw: st.DrawFn, original: bytes) -> bytes:
 
 
 @settings(PROPERTY, max_examples=20)
-@given(data=st.data(), name=st.sampled_from(["model.ts", "model.pt2", "model.onnx"]))
+@given(data=st.data(), name=st.sampled_from(["model.ts", "model.pt2", "model.onnx", "model.fp16.onnx",
+                                             "model.int8.onnx"]))
 def test_a_damaged_model_file_loads_or_is_an_artifact_error(exported: Export, workdir: Path, data, name: str) -> None:
     """Truncated or byte-flipped files: a clear ArtifactError, or (bytes that do not matter, such as padding or a
     weight) a backend whose logits are still finite N×10 or a clear error."""

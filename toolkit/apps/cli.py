@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.artifacts import formats
-from toolkit.artifacts.backends import DEFAULT_MAX_BATCH
+from toolkit.artifacts.backends import DEFAULT_MAX_BATCH, DEFAULT_PROVIDER, PROVIDERS
 from toolkit.core.errors import ToolkitError, exit_code
 from toolkit.training.config import (DATA_SOURCES, HELD_OUT_SPLITS, RECIPES, TrainConfig, build_train_config,
                                      field_type, flag_name, leaf_fields, read_config_file)
@@ -63,9 +63,17 @@ def _formats_flag(parser: argparse.ArgumentParser) -> None:
 
 def _tolerance_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument("--atol", type=float, default=formats.LOGIT_ATOL,
-                        help=f"{prefix}absolute logit tolerance (default {formats.LOGIT_ATOL:g})")
+                        help=f"{prefix}absolute logit tolerance of fp32 formats (default {formats.LOGIT_ATOL:g}; "
+                             "fp16 and int8 files are held to eager's accuracy instead)")
     parser.add_argument("--rtol", type=float, default=formats.LOGIT_RTOL,
-                        help=f"{prefix}relative logit tolerance (default {formats.LOGIT_RTOL:g})")
+                        help=f"{prefix}relative logit tolerance of fp32 formats (default {formats.LOGIT_RTOL:g})")
+
+
+def _provider_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", choices=PROVIDERS, default=DEFAULT_PROVIDER,
+                        help="where ONNX Runtime runs .onnx files: auto (CUDA when this onnxruntime build has it, "
+                             "else the CPU), cpu, cuda, tensorrt; torch formats run on the CPU "
+                             f"(default {DEFAULT_PROVIDER})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("export", help="write TorchScript, ONNX and torch.export files (+ manifest) from a run")
+    p = sub.add_parser("export", help="write TorchScript, ONNX (fp32, fp16, int8) and torch.export files (+ manifest) "
+                                      "from a run")
     p.add_argument("--run", type=Path, required=True, help="run folder (runs/<name>)")
     p.add_argument("--out", type=Path, default=None, help="export folder (default: exports/<run folder name>)")
     _formats_flag(p)
@@ -116,19 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=HELD_OUT_SPLITS, default=HELD_OUT_SPLITS[0])
     p.add_argument("--json-out", type=Path, default=None, help="also write the report as JSON here")
     _tolerance_flags(p)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads per runtime")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per runtime (torch: intra-op; ONNX Runtime: batch slices side by side)")
+    _provider_flag(p)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("predict", help="label image files with an exported model (.onnx, .ts, .pt2)")
-    p.add_argument("artifact", type=Path, metavar="PATH", help="model.onnx, model.ts, model.pt2 or eager weights")
+    p.add_argument("artifact", type=Path, metavar="PATH",
+                   help="model.onnx (or model.fp16.onnx, model.int8.onnx), model.ts, model.pt2 or eager weights")
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG/JPEG files, any size")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--top-k", dest="top_k", type=int, default=1, help="classes shown per image (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runtime")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the runtime (torch: intra-op; ONNX Runtime: batch slices side by side)")
     p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
                    help="use the file even if its sha256 differs from the manifest.json beside it")
     p.add_argument("--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"refuse more than this many images per call (default {DEFAULT_MAX_BATCH})")
+    _provider_flag(p)
     p.set_defaults(func=_cmd_predict)
     return parser
 
@@ -189,7 +203,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from toolkit.apps.verify import verify_and_report  # per command: imports torch
 
     verify_and_report(args.export_dir, _data_overrides(args), args.split, args.atol, args.rtol, args.json_out,
-                      args.threads)
+                      args.threads, provider=args.provider)
     return 0
 
 
@@ -197,7 +211,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from toolkit.apps.predict import predict_and_report  # per command: torch only for torch formats
 
     predict_and_report(args.artifact, args.images, args.top_k, args.threads, args.check_hash, args.json,
-                       max_batch=args.max_batch)
+                       max_batch=args.max_batch, provider=args.provider)
     return 0
 
 

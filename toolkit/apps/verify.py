@@ -2,16 +2,25 @@
 
 All formats, eager included, run through `toolkit.artifacts.backends`, each preprocessing the split's uint8
 images with the normalization embedded in its own file (so wrong metadata shows up as wrong logits,
-as it would for a client). Per format: max |Δlogit| against eager, argmax agreement, accuracy and
-per-class accuracy. A format fails when
+as it would for a client). Per format: max |Δlogit| against eager, argmax agreement (overall and per
+class), accuracy and per-class accuracy. Each format is held to its registry policy
+(`toolkit.artifacts.formats.Format.tolerance`). An fp32 format fails when
 
-- any logit is outside `atol + rtol·|eager logit|`,
+- any logit is outside `atol + rtol·|eager logit|`, or
 - its prediction differs from eager's on an image where eager's top-2 margin exceeds that tolerance
-  (a flip there is not rounding noise),
+  (a flip there is not rounding noise);
+
+a reduced-precision format (fp16, int8), whose logits differ from eager's by design, fails when its
+accuracy differs from eager's by more than the allowed percentage points overall or for any class.
+Any format fails when
+
 - its class names differ from the manifest's, or
 - its sha256 differs from manifest.json (it changed after export). The hash is checked before the
   file is loaded: a changed .ts or .pt2 file is a program of unknown origin and is not loaded at all
   (its row reads nan); a changed .onnx or .safetensors file (data) is still run and its numbers reported.
+
+`provider` chooses where ONNX Runtime runs the .onnx files (`--provider`); the torch formats, eager
+included, run on the CPU. Each row records the provider it ran on.
 
 Verification only reads the export folder; nothing is written there unless `--json-out` points there.
 """
@@ -29,7 +38,8 @@ import numpy as np
 import torch
 
 from toolkit.artifacts import formats
-from toolkit.artifacts.backends import Backend, load_backend
+from toolkit.artifacts.backends import DEFAULT_PROVIDER, Backend, load_backend
+from toolkit.artifacts.formats import AccuracyTolerance
 from toolkit.artifacts.manifest import MANIFEST, Manifest, hash_mismatch
 from toolkit.core.errors import ConfigError, DataError, VerificationError
 from toolkit.training.config import DataConfig
@@ -51,9 +61,12 @@ class FormatResult:
     agreement: float  # fraction of images whose argmax equals eager's
     accuracy: float
     per_class: dict[str, float]
-    worst_sample: int  # index in the split of the image furthest outside (or nearest to) the tolerance
+    worst_sample: int  # index in the split of the image furthest outside (or nearest to) the logit tolerance
     hash_ok: bool | None  # None: the manifest lists no hash for this file
     failures: list[str] = field(default_factory=list)
+    per_class_agreement: dict[str, float] = field(default_factory=dict)  # by true class
+    tolerance: str = ""  # the policy it was held to, in words
+    provider: str | None = None  # where it ran (None: not loaded)
 
     @property
     def passed(self) -> bool:
@@ -68,9 +81,10 @@ class FormatResult:
         def number(x: float) -> float | None:  # nan (a file that was not run) is null in JSON
             return None if x != x else x
 
-        return {"file": self.file, "passed": self.passed, "max_abs_logit_diff": number(self.max_abs_diff),
-                "agreement": number(self.agreement), "accuracy": number(self.accuracy),
-                "per_class": {c: number(a) for c, a in self.per_class.items()},
+        return {"file": self.file, "passed": self.passed, "tolerance": self.tolerance, "provider": self.provider,
+                "max_abs_logit_diff": number(self.max_abs_diff), "agreement": number(self.agreement),
+                "per_class_agreement": {c: number(a) for c, a in self.per_class_agreement.items()},
+                "accuracy": number(self.accuracy), "per_class": {c: number(a) for c, a in self.per_class.items()},
                 "worst_sample": self.worst_sample, "sha256_matches_manifest": self.hash_ok,
                 "failures": self.failures}
 
@@ -81,7 +95,9 @@ class FormatResult:
 
         return cls(name, d["file"], number(d["max_abs_logit_diff"]), number(d["agreement"]), number(d["accuracy"]),
                    {c: number(a) for c, a in (d["per_class"] or {}).items()}, d["worst_sample"],
-                   d["sha256_matches_manifest"], list(d["failures"]))
+                   d["sha256_matches_manifest"], list(d["failures"]),
+                   {c: number(a) for c, a in (d.get("per_class_agreement") or {}).items()},  # absent before fp16/int8
+                   d.get("tolerance", ""), d.get("provider"))
 
 
 @dataclass
@@ -94,6 +110,7 @@ class VerifyReport:
     rtol: float
     results: list[FormatResult]
     note: str | None = None
+    provider: str = DEFAULT_PROVIDER  # `--provider`: where ONNX Runtime was asked to run
 
     @property
     def passed(self) -> bool:
@@ -101,13 +118,14 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"export_dir": str(self.export_dir), "split": self.split, "n": self.n, "classes": self.classes,
-                "atol": self.atol, "rtol": self.rtol, "passed": self.passed, "note": self.note,
-                "formats": {r.name: r.to_json() for r in self.results}}
+                "atol": self.atol, "rtol": self.rtol, "provider": self.provider, "passed": self.passed,
+                "note": self.note, "formats": {r.name: r.to_json() for r in self.results}}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VerifyReport:
         return cls(Path(d["export_dir"]), d["split"], d["n"], list(d["classes"]), d["atol"], d["rtol"],
-                   [FormatResult.from_json(name, r) for name, r in d["formats"].items()], d.get("note"))
+                   [FormatResult.from_json(name, r) for name, r in d["formats"].items()], d.get("note"),
+                   d.get("provider", DEFAULT_PROVIDER))
 
     def write(self, path: Path) -> None:
         """verify.json (or `--json-out`): `to_json()`, indented."""
@@ -122,8 +140,9 @@ class VerifyReport:
         short = [c[:6] for c in self.classes]
         header = (f"{'format':<12s} {'max|Δlogit|':>11s} {'agree %':>8s} {'acc %':>6s} "
                   + " ".join(f"{s:>6s}" for s in short) + "  result")
-        lines = [f"verify {self.export_dir}: {self.split} split, {self.n} images, "
-                 f"tolerance |Δ| <= {self.atol:g} + {self.rtol:g}·|eager|"]
+        lines = [f"verify {self.export_dir}: {self.split} split, {self.n} images, ONNX Runtime provider {self.provider}",
+                 f"  fp32 formats: {formats.LogitTolerance(self.atol, self.rtol).describe()}"]
+        lines += [f"  {r.name}: {r.tolerance} (reduced precision)" for r in self.results if formats.by_accuracy(r.name)]
         if self.note:
             lines.append(f"note: {self.note}")
         lines.append(header)
@@ -131,15 +150,49 @@ class VerifyReport:
             lines.append(f"{r.name:<12s} {r.max_abs_diff:>11.2e} {100 * r.agreement:>8.2f} {100 * r.accuracy:>6.1f} "
                          + " ".join(f"{100 * a:>6.1f}" for a in r.per_class.values())
                          + ("  ok" if r.passed else "  FAIL"))
+            if r.per_class_agreement and formats.by_accuracy(r.name):  # per-class agreement under its accuracies
+                lines.append(f"{'  agree %':<12s} {'':>11s} {'':>8s} {'':>6s} "
+                             + " ".join(f"{100 * a:>6.1f}" for a in r.per_class_agreement.values()))
         for r in self.results:
             lines += [f"FAIL {r.name} ({r.file}): {reason}" for reason in r.failures]
         lines.append("verify: " + ("all formats match the eager model" if self.passed else "FAILED"))
         return "\n".join(lines)
 
 
+def _accuracy_failures(name: str, result: FormatResult, eager: EvalResult, tolerance: AccuracyTolerance) -> list[str]:
+    """Why `result`'s accuracy is further from eager's than `tolerance` allows (empty: within it).
+
+    The allowance is never finer than one image: on a split of 100 images (10 per class) one changed
+    prediction moves accuracy by 1 pp and its class's by 10 pp, so that much is always allowed.
+    """
+    slack = 1e-4  # pp: per-class accuracies are float32 quotients; a difference exactly at the limit passes
+    failures = []
+    diff = 100 * (result.accuracy - eager.accuracy)  # percentage points
+    allowed = max(tolerance.overall_pp, 100 / max(eager.n, 1))
+    if abs(diff) > allowed + slack:
+        failures.append(f"accuracy {100 * result.accuracy:.2f} % differs from eager's {100 * eager.accuracy:.2f} % by "
+                        f"{diff:+.2f} pp, more than the {allowed:g} pp allowed for {name}")
+    sizes = dict(zip(eager.classes, eager.confusion.sum(dim=1).tolist()))
+    per_class = {c: 100 * (a - eager.per_class[c]) for c, a in result.per_class.items()}
+    allowed = {c: max(tolerance.per_class_pp, 100 / max(sizes[c], 1)) for c in per_class}
+    outside = [c for c, d in per_class.items() if abs(d) > allowed[c] + slack]
+    if outside:
+        worst = max(outside, key=lambda c: abs(per_class[c]) - allowed[c])
+        failures.append(f"per-class accuracy differs from eager's by more than allowed for {name} in {len(outside)} "
+                        f"class(es); worst {worst}: {100 * result.per_class[worst]:.1f} % vs "
+                        f"{100 * eager.per_class[worst]:.1f} % ({per_class[worst]:+.1f} pp, {allowed[worst]:g} pp "
+                        "allowed)")
+    return failures
+
+
 def compare(name: str, file: str, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray,
-            classes: list[str], atol: float, rtol: float, hash_ok: bool | None = None) -> FormatResult:
-    """Score `logits` against the eager `reference` logits and the true `labels` (numpy, same order)."""
+            classes: list[str], atol: float, rtol: float, hash_ok: bool | None = None,
+            accuracy: AccuracyTolerance | None = None) -> FormatResult:
+    """Score `logits` against the eager `reference` logits and the true `labels` (numpy, same order).
+
+    By default the logits must lie within `atol`/`rtol`; with `accuracy` (reduced-precision formats) the
+    overall and per-class accuracy must lie within its percentage points of eager's instead.
+    """
     k = len(classes)
     diff = np.abs(logits.astype(np.float64) - reference)
     excess = diff - (atol + rtol * np.abs(reference))  # > 0: outside tolerance
@@ -153,22 +206,32 @@ def compare(name: str, file: str, logits: np.ndarray, reference: np.ndarray, lab
     failures = []
     if hash_ok is False:
         failures.append("sha256 differs from manifest.json: the file changed after export")
-    outside = int((per_sample > 0).sum())
+    outside = int((per_sample > 0).sum()) if accuracy is None else 0
     if outside:
         failures.append(f"max |Δlogit| {diff.max():.3g} exceeds the tolerance on {outside} of {len(labels)} images; "
                         f"worst sample {worst} (|Δlogit| {diff[worst].max():.3g}, true {classes[labels[worst]]}): eager predicts "
                         f"{classes[ref_pred[worst]]}, {name} {classes[pred[worst]]}")
-    if confident_flip.any():
+    if confident_flip.any() and accuracy is None:
         flips = np.flatnonzero(confident_flip)
         i = int(flips[margin[flips].argmax()])
         failures.append(f"{len(flips)} prediction(s) differ from eager where eager's top-2 margin exceeds the "
                         f"tolerance; worst sample {i} (margin {margin[i]:.3g}): eager predicts "
                         f"{classes[ref_pred[i]]}, {name} {classes[pred[i]]}")
 
-    confusion = torch.bincount(torch.from_numpy(labels * k + pred), minlength=k * k).view(k, k)
-    scores = EvalResult(confusion, classes)
-    return FormatResult(name, file, float(diff.max()), float((pred == ref_pred).mean()), scores.accuracy,
-                        scores.per_class, worst, hash_ok, failures)
+    def scores(predictions: np.ndarray) -> EvalResult:
+        return EvalResult(torch.bincount(torch.from_numpy(labels * k + predictions), minlength=k * k).view(k, k),
+                          classes)
+
+    same = pred == ref_pred
+    agreement = {c: float(same[labels == i].mean()) if (labels == i).any() else float("nan")
+                 for i, c in enumerate(classes)}
+    own = scores(pred)
+    result = FormatResult(name, file, float(diff.max()), float(same.mean()), own.accuracy, own.per_class, worst,
+                          hash_ok, failures, agreement,
+                          (accuracy or formats.LogitTolerance(atol, rtol)).describe())
+    if accuracy is not None:
+        result.failures += _accuracy_failures(name, result, scores(ref_pred), accuracy)
+    return result
 
 
 def run_backend(backend: Backend, images: torch.Tensor, batch_size: int = _BATCH) -> np.ndarray:
@@ -190,8 +253,12 @@ def load_verification_split(manifest: Manifest, data_overrides: dict[str, Any],
 
 
 def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
-                  atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, threads: int | None = None) -> VerifyReport:
-    """Run the eager model and every artifact listed in the export's manifest over a split; compare."""
+                  atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, threads: int | None = None,
+                  provider: str = DEFAULT_PROVIDER) -> VerifyReport:
+    """Run the eager model and every artifact listed in the export's manifest over a split; compare.
+
+    `provider` chooses where ONNX Runtime runs the .onnx files; torch formats run on the CPU.
+    """
     if atol < 0 or rtol < 0:
         raise ConfigError(f"--atol/--rtol: must be >= 0, got {atol:g} and {rtol:g}")
     export_dir = Path(export_dir)
@@ -211,17 +278,21 @@ def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None
         # The hash first: a .ts or .pt2 file is a program, and one that changed after export is not run.
         problem = hash_mismatch(export_dir / name) if has_hash else None
         hash_ok = problem is None if has_hash else None
-        if problem and formats.get(entry.format).program:
+        fmt = formats.get(entry.format) if entry is not None else formats.EAGER
+        if problem and fmt.program:
             results.append(_not_loaded(entry.format, name, classes, problem))
             continue
-        backend = load_backend(export_dir / name, threads=threads)
+        backend = load_backend(export_dir / name, threads=threads,
+                               provider=provider if fmt.runtime == "onnxruntime" else "cpu")
         logits = run_backend(backend, held.images)
         reference = logits.astype(np.float64) if reference is None else reference
-        result = compare(backend.name, name, logits, reference, labels, classes, atol, rtol, hash_ok)
+        accuracy = fmt.tolerance if fmt.by_accuracy else None
+        result = compare(backend.name, name, logits, reference, labels, classes, atol, rtol, hash_ok, accuracy)
+        result.provider = backend.provider
         if backend.classes != classes:
             result.failures.append(f"class names in the file {backend.classes} differ from manifest.json's {classes}")
         results.append(result)
-    return VerifyReport(export_dir, held.name, len(held), classes, atol, rtol, results, note)
+    return VerifyReport(export_dir, held.name, len(held), classes, atol, rtol, results, note, provider)
 
 
 def _not_loaded(row: str, file: str, classes: list[str], problem: str) -> FormatResult:
@@ -233,13 +304,14 @@ def _not_loaded(row: str, file: str, classes: list[str], problem: str) -> Format
 
 def verify_and_report(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
                       atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, json_out: Path | None = None,
-                      threads: int | None = None, log: Callable[[str], None] = print) -> VerifyReport:
+                      threads: int | None = None, log: Callable[[str], None] = print,
+                      provider: str = DEFAULT_PROVIDER) -> VerifyReport:
     """`toolkit verify`: print the table, write the JSON, then raise `VerificationError` if a format failed."""
     export_dir = Path(export_dir)
     if json_out is not None and json_out.resolve().parent == export_dir.resolve() \
             and json_out.name in {MANIFEST, *(f.file for f in formats.FORMATS)}:
         raise ConfigError(f"--json-out {json_out}: would overwrite an artifact of the export being verified")
-    report = verify_export(export_dir, data_overrides, split, atol, rtol, threads)
+    report = verify_export(export_dir, data_overrides, split, atol, rtol, threads, provider)
     log(report.format())
     if json_out is not None:
         report.write(json_out)

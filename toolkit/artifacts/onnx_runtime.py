@@ -1,76 +1,212 @@
-"""The ONNX Runtime behind `Backend`: .onnx files, on the CPU or a GPU execution provider. Torch-free."""
+"""The ONNX Runtime behind `Backend`: .onnx files (fp32, fp16, int8) on the CPU, CUDA or TensorRT.
+
+Torch-free and onnx-free: serving a model imports only onnxruntime and numpy (`toolkit predict`
+starts in a fraction of torch's import time). The file's bytes are read once, checked
+(`onnx_checks.check_self_contained`) and handed to ONNX Runtime, so the bytes checked are the bytes run.
+
+Providers (`--provider`): `cpu`, `cuda`, `tensorrt`, or `auto` (CUDA when this onnxruntime build has
+it, else the CPU; TensorRT only on request, since it builds an engine per input shape on first use).
+A GPU provider keeps the CPU provider behind it for any node it lacks; CUDA runs fp32 in fp32 (TF32
+off). A provider the build lacks, or one that fails to start (missing CUDA libraries), is a one-line
+`ConfigError` naming the installed build and the fix, never a silent fall-back.
+
+CPU tuning (measured in benchmarks/test_inference.py; README "ONNX Runtime on the CPU"):
+- graph optimization level ORT_ENABLE_ALL (the default, stated explicitly): constant folding, Conv+ReLU
+  and Gemm+ReLU fusion, and the NCHWc layout (convolutions in channel blocks that fit AVX-512).
+- with an explicit thread count N, the session is single-threaded and a batch is cut into slices of at
+  most `SLICE` images that N threads run side by side (`OnnxRuntimeBackend._run`). TutorialNet's layers
+  are too thin (3 -> 6 -> 16 channels) for ORT's intra-op pool to split one convolution efficiently,
+  while slices of a batch are independent and their activations stay in the CPU caches.
+- the memory arena stays on: without it batch 1024 takes twice as long (every run re-allocates).
+`threads=None` keeps ONNX Runtime's own default session options (one intra-op thread per core).
+
+IO binding (`OnnxRuntimeBackend.bind`): a validated batch copied once onto the provider's device with
+its output buffer there too, so throughput can be measured without host transfers; the same code runs
+on the CPU (device "cpu"), which is how it is tested without a GPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime as ort
+from onnxruntime.capi import build_and_package_info  # already imported by onnxruntime itself
 
-from toolkit.artifacts.backends import Backend
+from toolkit.artifacts.backends import Backend, validate_batch
 from toolkit.artifacts.formats import Format
 from toolkit.artifacts.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
-from toolkit.core.errors import ArtifactError, first_line
+from toolkit.artifacts.onnx_checks import check_self_contained
+from toolkit.core.errors import ArtifactError, ConfigError, first_line
 from toolkit.core.images import CHANNELS, HEIGHT, WIDTH
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+# --provider choice -> ONNX Runtime's name, and the providers tried in order (fall-backs for nodes a GPU lacks).
+EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                       "tensorrt": "TensorrtExecutionProvider"}
+_CHAINS = {"cpu": ("cpu",), "cuda": ("cuda", "cpu"), "tensorrt": ("tensorrt", "cuda", "cpu")}
+# fp32 files compute in fp32 on CUDA too: ONNX Runtime would otherwise use TF32 (10-bit mantissa) for
+# convolutions and matrix products on Ampere and later, and verify's fp32 logit tolerance (1e-4) is finer.
+_OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0"}}
+_DEVICES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}  # where IO binding keeps tensors
+_BUILDS = ("onnxruntime", "onnxruntime-gpu")  # pip distributions that both install the `onnxruntime` module
+# Images per ONNX Runtime call on the CPU with an explicit thread count: the activations of a slice of 64
+# stay in the caches (conv1's output alone is 1.2 MB for 64 images, more in the blocked NCHWc layout,
+# and 19 MB for 1024).
+SLICE = 64
+
+
+def resolve_provider(choice: str, available: Sequence[str]) -> str:
+    """The provider a `--provider` choice (one of `backends.PROVIDERS`) runs on, given ONNX Runtime's
+    available providers."""
+    if choice == "auto":
+        return "cuda" if EXECUTION_PROVIDERS["cuda"] in available else "cpu"
+    if EXECUTION_PROVIDERS[choice] not in available:
+        raise ConfigError(f"--provider {choice}: {_build()} has no {EXECUTION_PROVIDERS[choice]} "
+                          f"(available: {', '.join(available)}); {_gpu_fix()}")
+    return choice
+
+
+def _build() -> str:
+    """The installed onnxruntime build, as its pip distribution says: `onnxruntime-gpu 1.31.1`."""
+    name = getattr(build_and_package_info, "package_name", "onnxruntime")
+    return f"this onnxruntime build ({name} {ort.__version__})"
+
+
+def _gpu_fix() -> str:
+    from importlib import metadata  # reason: 45 ms of start-up, needed only to explain a missing provider
+
+    installed = []
+    for name in _BUILDS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            installed.append(f"{name} {metadata.version(name)}")
+    if len(installed) > 1:
+        return (f"{' and '.join(installed)} are both installed and shadow each other (one `onnxruntime` module, "
+                "the last installed wins): pip uninstall -y onnxruntime onnxruntime-gpu, then pip install "
+                "'cifar-toolkit[gpu]'")
+    return ("the CUDA and TensorRT providers come with the GPU build, installed instead of the CPU one: "
+            "pip uninstall -y onnxruntime && pip install 'cifar-toolkit[gpu]' (README: GPU)")
 
 
 class OnnxRuntimeBackend(Backend):
     def __init__(self, path: Path, fmt: Format, metadata: ArtifactMetadata, session: ort.InferenceSession,
-                 batch_size: int | None) -> None:
+                 batch_size: int | None, provider: str, threads: int | None) -> None:
         super().__init__(path, fmt, metadata)
         self.session = session
         self.batch_size = batch_size
+        self._provider = provider
+        # Slices run side by side on the CPU only with an explicit thread count; see the module docstring.
+        self._slice_threads = threads if provider == "cpu" and threads is not None and batch_size is None else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._outputs = [OUTPUT_NAME]
+
+    @property
+    def provider(self) -> str:
+        return self._provider
 
     @property
     def providers(self) -> list[str]:
+        """ONNX Runtime's providers for this session, in priority order."""
         return self.session.get_providers()
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        n = len(batch)
+        if self._slice_threads is None or n <= SLICE:
+            return self.session.run(self._outputs, {INPUT_NAME: batch})[0]
+        size = min(SLICE, math.ceil(n / self._slice_threads))
+        starts = range(0, n, size)
+
+        def run_slice(start: int) -> np.ndarray:
+            return self.session.run(self._outputs, {INPUT_NAME: batch[start:start + size]})[0]
+
+        if self._slice_threads == 1:
+            parts = [run_slice(start) for start in starts]
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor  # reason: 13 ms of start-up, for batches only
+
+                self._pool = ThreadPoolExecutor(self._slice_threads, thread_name_prefix="ort-slice")
+            parts = list(self._pool.map(run_slice, starts))  # list(): wait, and re-raise any error
+        for start, part in zip(starts, parts):  # before joining them: a wrong shape is named, not a numpy error
+            rows = min(size, n - start)
+            if np.shape(part) != (rows, len(self.classes)):
+                raise self.shape_error(np.shape(part), rows)
+        return np.concatenate(parts)
+
+    def bind(self, batch: np.ndarray) -> BoundBatch:
+        """`batch` validated once and copied to the provider's device, with its output buffer there too."""
+        return BoundBatch(self, validate_batch(batch, self.path, self.batch_size, self.max_batch))
 
 
-def default_providers() -> list[str]:
-    """CUDA when this onnxruntime build and machine have it, else CPU."""
-    available = ort.get_available_providers()
-    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+class BoundBatch:
+    """One batch held on the session's device (ONNX Runtime IO binding): `run()` computes the logits
+    there without host copies; `logits()` copies them out and checks them like `predict_logits`."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, x: np.ndarray) -> None:
+        device = _DEVICES[backend.provider]
+        self._backend, self._x = backend, x
+        self._binding = backend.session.io_binding()
+        self._input = ort.OrtValue.ortvalue_from_numpy(x, device, 0)
+        self._output = ort.OrtValue.ortvalue_from_shape_and_type([len(x), len(backend.classes)], np.float32,
+                                                                 device, 0)
+        self._binding.bind_ortvalue_input(INPUT_NAME, self._input)
+        self._binding.bind_ortvalue_output(OUTPUT_NAME, self._output)
+
+    def __len__(self) -> int:
+        return len(self._x)
+
+    def run(self) -> None:
+        """One inference on the device; returns when the output is complete."""
+        self._backend.session.run_with_iobinding(self._binding)
+
+    def logits(self) -> np.ndarray:
+        """The last `run()`'s logits, copied to the host and checked (shape, finite values)."""
+        return self._backend.check_logits(self._binding.copy_outputs_to_cpu()[0], self._x, 0)
 
 
-def _check_self_contained(path: Path) -> None:
-    """Refuse an ONNX file whose tensors live in external files: a toolkit export is one file, and a
-    name inside the model should not make the runtime read other files."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and onnx's own errors
-        raise ArtifactError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
-
-    def tensors(graph):
-        yield from graph.initializer
-        yield from (s.values for s in graph.sparse_initializer)
-        for node in graph.node:
-            for attr in node.attribute:
-                yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield from tensors(sub)
-
-    for tensor in tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
-            raise ArtifactError(f"{path}: tensor {tensor.name!r} is stored in an external file {location!r}; "
-                                "only self-contained ONNX files (as `toolkit export` writes) are loaded")
-
-
-def load(path: Path, fmt: Format, threads: int | None, providers: Sequence[str] | None) -> Backend:
-    _check_self_contained(path)
+def _session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = 1  # parallel over slices of the batch instead (module docstring)
+    return options
+
+
+def _start_gpu_libraries() -> None:
+    """Make CUDA and cuDNN from the nvidia-* pip packages loadable (ONNX Runtime >= 1.21; torch does this
+    for itself, but serving does not import torch). Its notes go to stderr, never into --json output."""
+    with contextlib.redirect_stdout(sys.stderr):
+        ort.preload_dlls()
+
+
+def load(path: Path, fmt: Format, threads: int | None, provider: str) -> Backend:
     try:
-        session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+        model = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    check_self_contained(path, model)
+    choice = resolve_provider(provider, ort.get_available_providers())
+    if choice != "cpu" and hasattr(ort, "preload_dlls"):
+        _start_gpu_libraries()
+    chain = [EXECUTION_PROVIDERS[p] for p in _CHAINS[choice]]
+    with_options = [(EXECUTION_PROVIDERS[p], _OPTIONS.get(p, {})) for p in _CHAINS[choice]]
+    try:
+        session = ort.InferenceSession(model, _session_options(threads if choice == "cpu" else None),
+                                       providers=with_options)
     except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidProtobuf, ...) share no base class
         raise ArtifactError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
+    if session.get_providers()[0] != chain[0]:  # ORT falls back silently when a provider cannot start
+        raise ConfigError(f"--provider {provider}: ONNX Runtime could not start {chain[0]} on this machine and fell "
+                          f"back to {', '.join(session.get_providers())} (are the CUDA and cuDNN libraries that "
+                          f"{_build().removeprefix('this ')} needs installed? see README: GPU)")
     inputs, outputs = session.get_inputs(), session.get_outputs()
     actual = ", ".join(f"{i.name} {i.shape} {i.type}" for i in inputs)
     # Batch may be symbolic (a string) or fixed; channels and size must match what preprocessing makes.
@@ -87,4 +223,4 @@ def load(path: Path, fmt: Format, threads: int | None, providers: Sequence[str] 
     except UnicodeDecodeError as exc:  # onnxruntime 1.30 decodes damaged metadata strings eagerly
         raise ArtifactError(f"{path}: unreadable model metadata ({first_line(exc)})") from None
     metadata = ArtifactMetadata.from_strings(props, path)
-    return OnnxRuntimeBackend(path, fmt, metadata, session, batch if isinstance(batch, int) else None)
+    return OnnxRuntimeBackend(path, fmt, metadata, session, batch if isinstance(batch, int) else None, choice, threads)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from toolkit.artifacts.archive_checks import check_pt2_archive, check_torchscrip
 from toolkit.artifacts.backends import Backend
 from toolkit.artifacts.formats import Format
 from toolkit.artifacts.metadata import METADATA_FILE, ArtifactMetadata
-from toolkit.core.errors import ArtifactError, CheckpointError, first_line
+from toolkit.core.errors import ArtifactError, CheckpointError, ConfigError, first_line
 from toolkit.core.images import CHANNELS, HEIGHT, MEAN, STD, WIDTH
 from toolkit.training.runs import load_model
 
@@ -38,8 +38,12 @@ class TorchBackend(Backend):
             return self.module(x).float().numpy()
 
 
-def load(path: Path, fmt: Format, threads: int | None, providers: Sequence[str] | None) -> Backend:
-    """A torch-format file as a `Backend`; `threads` is torch's process-wide intra-op setting."""
+def load(path: Path, fmt: Format, threads: int | None, provider: str) -> Backend:
+    """A torch-format file as a `Backend`; `threads` is torch's process-wide intra-op setting. Torch formats
+    run on the CPU here (`provider` auto or cpu)."""
+    if provider not in ("auto", "cpu"):
+        raise ConfigError(f"--provider {provider}: {path} is a {fmt.name} file, which runs on the CPU with torch; "
+                          "--provider chooses where ONNX Runtime runs .onnx files")
     if threads is not None:
         torch.set_num_threads(threads)
     loader = {"eager": _load_eager, "torchscript": _load_torchscript, "pt2": _load_exported_program}[fmt.name]

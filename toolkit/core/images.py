@@ -22,23 +22,27 @@ STD = (0.5, 0.5, 0.5)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
 
+def image_pixels(image: Image.Image) -> np.ndarray:
+    """A PIL image -> 3×32×32 uint8 RGB (resized bilinearly when not 32×32), as training decodes files."""
+    image = image.convert("RGB")
+    if image.size != (WIDTH, HEIGHT):
+        image = image.resize((WIDTH, HEIGHT), Image.BILINEAR)
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
 def decode_image(data: bytes, source: str) -> np.ndarray:
-    """Bytes of any PIL-readable image -> 3×32×32 uint8 RGB (resized bilinearly when not 32×32).
+    """Bytes of any PIL-readable image -> 3×32×32 uint8 RGB (`image_pixels`).
 
     Image files are untrusted input: whatever PIL's decoders raise becomes a `DataError` naming `source`.
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if im.size != (WIDTH, HEIGHT):
-                im = im.resize((WIDTH, HEIGHT), Image.BILINEAR)
-            pixels = np.asarray(im, dtype=np.uint8)
+            return image_pixels(im)
     except Exception as exc:  # PIL's decoders raise many types (OSError, ValueError, SyntaxError, struct.error, ...)
         # PIL reports bytes it cannot identify or decode as OSError (UnidentifiedImageError is one); which of
         # the two a given garbage file gets differs between PIL releases.
         reason = "unknown or truncated image format" if isinstance(exc, OSError) else exc
         raise DataError(f"{source}: not a readable image ({reason})") from None
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...] | list[float] = MEAN,
