@@ -110,6 +110,24 @@ def calibrate(fn: Callable[[], Any], budget_s: float, min_rounds: int = 5, max_r
     return rounds, iterations, warmup
 
 
+def interleaved_medians(a: Callable[[], Any], b: Callable[[], Any], seconds: float, number: int,
+                        min_rounds: int = 5) -> tuple[float, float]:
+    """Median seconds per call of `a` and of `b`, timed in alternating rounds of `number` calls each.
+
+    Two rows of a benchmark run are timed minutes apart, and a shared VM's speed drifts by more than the
+    difference between two callables that share most of their work; alternating puts the drift on both.
+    """
+    times: tuple[list[float], list[float]] = ([], [])
+    deadline = time.perf_counter() + seconds
+    while len(times[0]) < min_rounds or time.perf_counter() < deadline:
+        for fn, out in ((a, times[0]), (b, times[1])):
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            out.append((time.perf_counter() - start) / number)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def time_call(benchmark, fn: Callable[[], Any], scale: Scale) -> Any:
     """Benchmark `fn` (no arguments) within the scale's budget; disabled: one plain call."""
     if benchmark.disabled:

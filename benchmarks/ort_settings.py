@@ -10,10 +10,9 @@ Variants (a session of the export's model.onnx unless named):
 - `eager`: the eager model through `Backend.predict_logits`, torch pinned to the same thread count;
 - `ORT defaults`: `InferenceSession.run` with only `intra_op_num_threads` set (what the toolkit did
   before), then the same with one setting changed: graph optimization `ORT_ENABLE_EXTENDED` (no NCHWc
-  layout), memory arena off, intra-op spinning off, the batch run in slices one after the other,
-  intra-op threads pinned to cores (affinity);
-- `toolkit`: `load_backend(threads=N).predict_logits`, single-threaded sessions over slices of
-  `SLICE` images on N threads, with other slice sizes, and for model.fp16.onnx / model.int8.onnx;
+  layout), memory arena off, intra-op spinning off, intra-op threads pinned to cores (affinity);
+- `toolkit`: `load_backend(threads=N).predict_logits`: the same session options, a batch run as slices
+  of `SLICE` images one after another, with other slice sizes, and for model.fp16.onnx / model.int8.onnx;
 - `session.run under toolkit` (batch 1): the toolkit backend's own session called directly, without the
   interface's checks, so the difference to `toolkit` is the interface's cost.
 
@@ -72,9 +71,6 @@ def variants(export_dir: Path, threads: int, batch: int) -> dict[str, Callable[[
         "  + memory arena off": _session(model, threads, arena=False),
         "  + intra-op spinning off": _session(model, threads, config={"session.intra_op.allow_spinning": "0"}),
     }
-    whole = _session(model, threads)
-    out[f"  + slices of {onnx_runtime.SLICE} in sequence (intra-op threads inside each)"] = \
-        lambda x: [whole(x[i:i + onnx_runtime.SLICE]) for i in range(0, len(x), onnx_runtime.SLICE)]
     if threads > 1:  # ORT's extra intra-op threads (threads - 1 of them) pinned to logical CPUs 2, 3, ...
         pinned = ";".join(str(cpu) for cpu in range(2, threads + 1))
         out["  + intra-op threads pinned to cores"] = _session(

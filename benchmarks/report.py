@@ -38,7 +38,8 @@ from toolkit.core.errors import ToolkitError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROW_KEYS = ("backend", "batch", "threads", "median_ms", "images_per_s", "speedup_vs_eager")
-_KIND_ORDER = ("matmul", "train_step", "epoch", "launch", "time_to_accuracy", "export", "verify")
+_KIND_ORDER = ("matmul", "interface_overhead", "train_step", "epoch", "launch", "time_to_accuracy", "export",
+               "verify")
 # The issues' targets on a 2-core CPU: (what, threshold).
 TARGET_ORT_BATCH1 = 6.0  # ONNX Runtime batch-1 latency at least 6× lower than eager
 TARGET_ORT_BATCH1024 = 3.0  # ONNX Runtime batch-1024 throughput at least 3× eager
@@ -143,11 +144,16 @@ def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
 
 
 def load_other_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Training, launch, time-to-accuracy, export, verify and matmul rows of the files."""
+    """Training, launch, time-to-accuracy, export, verify and matmul rows of the files, and the interface
+    overhead that the raw-session benchmarks measured in alternating rounds."""
     out = []
     for path in paths:
         for info, median in _benchmarks(load_results(path), Path(path)):
-            if info["kind"] == "inference":
+            if info["kind"] == "inference" and "interface_overhead" in info:
+                info = {**info, "kind": "interface_overhead",
+                        "label": f"predict_logits vs InferenceSession.run, batch 1, threads {info['threads']}"}
+                median = info["interleaved_predict_logits_ms"] / 1e3
+            elif info["kind"] == "inference":
                 continue
             row = {"kind": info["kind"], "label": info.get("label") or info["name"], "median_s": median,
                    "images_per_s": info.get("images_per_s"), "share_of_matmul_peak": info.get("share_of_matmul_peak"),
@@ -202,6 +208,9 @@ def _percent(value: float | None) -> str:
 
 def _notes(row: dict[str, Any]) -> str:
     info, kind = row["info"], row["kind"]
+    if kind == "interface_overhead":
+        return (f"{info['interleaved_predict_logits_ms'] * 1e3:.1f} µs vs {info['interleaved_session_ms'] * 1e3:.1f} µs "
+                f"raw ({100 * info['interface_overhead']:+.1f} %), alternating rounds")
     if kind == "matmul":
         return f"{_num(info.get('gflops'))} GFLOP/s" if info.get("gflops") else ""
     if kind == "time_to_accuracy":
@@ -246,7 +255,7 @@ def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[st
             if f.runtime == "onnxruntime" and f != formats.ONNX and ratios(f.name, batch):
                 lines.append(f"  - for comparison, {f.name}: "
                              + ", ".join(f"{r:.2f}× ({label})" for label, r in ratios(f.name, batch)))
-    overhead = _wrapper_overhead(rows)
+    overhead = _wrapper_overhead(rows, other)
     if overhead:
         worst = max(o for _, o in overhead)
         lines.append(f"- ONNX Runtime interface overhead at batch 1 (`predict_logits` vs `InferenceSession.run`) "
@@ -269,8 +278,13 @@ def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[st
     return lines
 
 
-def _wrapper_overhead(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
-    """(threads label, predict_logits median / session.run median - 1) for each batch-1 pair of rows."""
+def _wrapper_overhead(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """(threads label, predict_logits / session.run - 1) at batch 1: measured in alternating rounds when the
+    file has it, else from the two rows' medians (results files from before that measurement)."""
+    alternating = [(f"threads {r['threads']}", r["info"]["interface_overhead"]) for r in other
+                   if r["kind"] == "interface_overhead" and "file" not in r]
+    if alternating:
+        return alternating
     sessions = {r["threads"]: r["median_ms"] for r in rows
                 if r["backend"] == formats.ONNX.name + SESSION_SUFFIX and r["batch"] == 1 and "file" not in r}
     return [(f"threads {r['threads']}", r["median_ms"] / sessions[r["threads"]] - 1) for r in rows

@@ -34,8 +34,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.common import (THREADS_ALL, Scale, check_against_eager, median_seconds, pinned_threads,
-                               record_throughput, resolve_threads, time_call)
+from benchmarks.common import (THREADS_ALL, Scale, check_against_eager, interleaved_medians, median_seconds,
+                               pinned_threads, record_throughput, resolve_threads, time_call)
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import Backend, load_backend
 from toolkit.artifacts.metadata import INPUT_NAME, OUTPUT_NAME
@@ -106,7 +106,12 @@ def test_inference(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_
 @pytest.mark.parametrize("threads", ORT_THREADS, ids=lambda t: f"t{t}")
 def test_session(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_per_image: int, provider: str,
                  threads: int | str) -> None:
-    """The raw `InferenceSession.run` of the session behind the `onnx` rows, batch 1: the interface's cost."""
+    """The raw `InferenceSession.run` of the session behind the `onnx` rows, batch 1: the interface's cost.
+
+    The row is the raw call's latency. The interface's overhead is measured apart from the rows: raw
+    call and `predict_logits` in alternating rounds of 200 calls (`interleaved_medians`), because two
+    rows measured minutes apart on a shared VM differ by more than the 5 µs being measured.
+    """
     count = resolve_threads(threads)
     runtime = _backend(trained.export, formats.ONNX.name, count, provider)
     session, x = runtime.session, np.ascontiguousarray(inputs.images[:1])
@@ -117,3 +122,7 @@ def test_session(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_pe
     median = median_seconds(benchmark)
     if median is not None:
         record_throughput(benchmark, 1, median, flops_per_image, matmul_peak(count or THREADS_ALL))
+        raw, wrapped = interleaved_medians(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: x}),
+                                           lambda: runtime.predict_logits(x), seconds=2 * scale.seconds, number=200)
+        benchmark.extra_info.update(interleaved_session_ms=raw * 1e3, interleaved_predict_logits_ms=wrapped * 1e3,
+                                    interface_overhead=wrapped / raw - 1)

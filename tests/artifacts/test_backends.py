@@ -136,34 +136,33 @@ def test_onnx_runtime_threads_and_providers(exported: Export) -> None:
     for provider in ("auto", "cpu"):  # auto: the CPU, since this onnxruntime build has no CUDA
         backend = load_backend(exported.dir / "model.onnx", threads=2, provider=provider)
         assert backend.providers == ["CPUExecutionProvider"] and backend.provider == "cpu"
-        # An explicit thread count: single-threaded sessions over slices of the batch on that many threads.
-        assert backend.session.get_session_options().intra_op_num_threads == 1
+        assert backend.session.get_session_options().intra_op_num_threads == 2  # ORT's own intra-op threads
     default = load_backend(exported.dir / "model.onnx").session.get_session_options()
     assert default.intra_op_num_threads == 0  # ONNX Runtime's own choice
     assert default.graph_optimization_level.name == "ORT_ENABLE_ALL"
 
 
-def test_slices_of_a_batch_on_several_threads_give_the_same_logits(exported: Export, monkeypatch) -> None:
+def test_large_batches_run_in_slices_and_give_the_same_logits(exported: Export, monkeypatch) -> None:
     from toolkit.artifacts import onnx_runtime
 
-    monkeypatch.setattr(onnx_runtime, "SLICE", 4)  # 11 images: slices of 4, 4 and 3
     x = np.random.default_rng(3).standard_normal((11, 3, 32, 32)).astype(np.float32)
     whole = load_backend(exported.dir / "model.onnx").predict_logits(x)
-    for threads in (1, 2, 3):
+    monkeypatch.setattr(onnx_runtime, "SLICE", 4)  # 11 images: slices of 4, 4 and 3
+    for threads in (None, 1, 2):
         backend = load_backend(exported.dir / "model.onnx", threads=threads)
         calls: list[int] = []
         real = backend.session.run
         backend.session.run = lambda names, feed: calls.append(len(feed["images"])) or real(names, feed)
         np.testing.assert_allclose(backend.predict_logits(x), whole, atol=1e-5, rtol=1e-5)
-        assert sorted(calls) == [3, 4, 4]
+        assert calls == [4, 4, 3]  # one after another
         calls.clear()
-        backend.predict_logits(x[:4])  # at most one slice: one call, on the caller's thread
+        backend.predict_logits(x[:4])  # at most one slice: one call
         assert calls == [4]
 
 
 def test_an_onnx_model_with_the_wrong_number_of_classes_is_an_artifact_error(exported: Export, tmp_path: Path,
                                                                                monkeypatch) -> None:
-    """5 logits per image where the metadata names 10 classes: one line, whether the batch runs whole or in slices."""
+    """5 logits per image where the metadata names 10 classes: one line, whole batch or slices, any threads."""
     from toolkit.artifacts import onnx_runtime
 
     weights = numpy_helper.from_array(np.zeros((3 * 32 * 32, 5), np.float32), "weights")
@@ -177,7 +176,7 @@ def test_an_onnx_model_with_the_wrong_number_of_classes_is_an_artifact_error(exp
     onnx.save_model(model, str(tmp_path / "five.onnx"))
     monkeypatch.setattr(onnx_runtime, "SLICE", 4)
     x = np.zeros((9, 3, 32, 32), np.float32)
-    for threads, expected in ((None, r"\(9, 5\) for 9 images; expected \(9, 10\)"),
+    for threads, expected in ((None, r"\(4, 5\) for 4 images; expected \(4, 10\)"),
                               (2, r"\(4, 5\) for 4 images; expected \(4, 10\)")):
         with pytest.raises(ArtifactError, match=r"five\.onnx: the model returned logits of shape " + expected):
             load_backend(tmp_path / "five.onnx", threads=threads).predict_logits(x)

@@ -10,15 +10,13 @@ A GPU provider keeps the CPU provider behind it for any node it lacks; CUDA runs
 off). A provider the build lacks, or one that fails to start (missing CUDA libraries), is a one-line
 `ConfigError` naming the installed build and the fix, never a silent fall-back.
 
-CPU tuning (measured in benchmarks/test_inference.py; README "ONNX Runtime on the CPU"):
+CPU tuning (measured with `python -m benchmarks.ort_settings`; README "ONNX Runtime on the CPU"):
 - graph optimization level ORT_ENABLE_ALL (the default, stated explicitly): constant folding, Conv+ReLU
   and Gemm+ReLU fusion, and the NCHWc layout (convolutions in channel blocks that fit AVX-512).
-- with an explicit thread count N, the session is single-threaded and a batch is cut into slices of at
-  most `SLICE` images that N threads run side by side (`OnnxRuntimeBackend._run`). TutorialNet's layers
-  are too thin (3 -> 6 -> 16 channels) for ORT's intra-op pool to split one convolution efficiently,
-  while slices of a batch are independent and their activations stay in the CPU caches.
+- on the CPU provider a batch larger than `SLICE` images runs as slices of `SLICE`, one after another,
+  each with the session's intra-op threads (`--threads`, else ORT's default of one per core): a slice's
+  activations stay in the CPU caches, a whole batch's do not.
 - the memory arena stays on: without it batch 1024 takes twice as long (every run re-allocates).
-`threads=None` keeps ONNX Runtime's own default session options (one intra-op thread per core).
 
 IO binding (`OnnxRuntimeBackend.bind`): a validated batch copied once onto the provider's device with
 its output buffer there too, so throughput can be measured without host transfers; the same code runs
@@ -28,11 +26,9 @@ on the CPU (device "cpu"), which is how it is tested without a GPU.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -45,9 +41,6 @@ from toolkit.artifacts.onnx_checks import check_self_contained
 from toolkit.core.errors import ArtifactError, ConfigError, first_line
 from toolkit.core.images import CHANNELS, HEIGHT, WIDTH
 
-if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
-
 # --provider choice -> ONNX Runtime's name, and the providers tried in order (fall-backs for nodes a GPU lacks).
 EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                        "tensorrt": "TensorrtExecutionProvider"}
@@ -57,9 +50,8 @@ _CHAINS = {"cpu": ("cpu",), "cuda": ("cuda", "cpu"), "tensorrt": ("tensorrt", "c
 _OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0"}}
 _DEVICES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}  # where IO binding keeps tensors
 _BUILDS = ("onnxruntime", "onnxruntime-gpu")  # pip distributions that both install the `onnxruntime` module
-# Images per ONNX Runtime call on the CPU with an explicit thread count: the activations of a slice of 64
-# stay in the caches (conv1's output alone is 1.2 MB for 64 images, more in the blocked NCHWc layout,
-# and 19 MB for 1024).
+# Images per ONNX Runtime call on the CPU: the activations of a slice of 64 stay in the caches (conv1's
+# output alone is 1.2 MB for 64 images, more in the blocked NCHWc layout, and 19 MB for 1024).
 SLICE = 64
 
 
@@ -102,9 +94,7 @@ class OnnxRuntimeBackend(Backend):
         self.session = session
         self.batch_size = batch_size
         self._provider = provider
-        # Slices run side by side on the CPU only with an explicit thread count; see the module docstring.
-        self._slice_threads = threads if provider == "cpu" and threads is not None and batch_size is None else None
-        self._pool: ThreadPoolExecutor | None = None
+        self._slices = provider == "cpu" and batch_size is None  # see SLICE; GPUs take the batch whole
         self._outputs = [OUTPUT_NAME]
 
     @property
@@ -117,25 +107,12 @@ class OnnxRuntimeBackend(Backend):
         return self.session.get_providers()
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        n = len(batch)
-        if self._slice_threads is None or n <= SLICE:
+        if not self._slices or len(batch) <= SLICE:
             return self.session.run(self._outputs, {INPUT_NAME: batch})[0]
-        size = min(SLICE, math.ceil(n / self._slice_threads))
-        starts = range(0, n, size)
-
-        def run_slice(start: int) -> np.ndarray:
-            return self.session.run(self._outputs, {INPUT_NAME: batch[start:start + size]})[0]
-
-        if self._slice_threads == 1:
-            parts = [run_slice(start) for start in starts]
-        else:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor  # reason: 13 ms of start-up, for batches only
-
-                self._pool = ThreadPoolExecutor(self._slice_threads, thread_name_prefix="ort-slice")
-            parts = list(self._pool.map(run_slice, starts))  # list(): wait, and re-raise any error
-        for start, part in zip(starts, parts):  # before joining them: a wrong shape is named, not a numpy error
-            rows = min(size, n - start)
+        parts = [self.session.run(self._outputs, {INPUT_NAME: batch[start:start + SLICE]})[0]
+                 for start in range(0, len(batch), SLICE)]
+        for start, part in zip(range(0, len(batch), SLICE), parts):  # a wrong shape is named, not a numpy error
+            rows = min(SLICE, len(batch) - start)
             if np.shape(part) != (rows, len(self.classes)):
                 raise self.shape_error(np.shape(part), rows)
         return np.concatenate(parts)
@@ -176,7 +153,7 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
-        options.intra_op_num_threads = 1  # parallel over slices of the batch instead (module docstring)
+        options.intra_op_num_threads = threads
     return options
 
 
