@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", type=Path, default=None, help="also write the report as JSON here")
     _tolerance_flags(p)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per runtime (torch: intra-op; ONNX Runtime: batch slices side by side)")
+                   help="CPU threads per runtime (intra-op threads of torch and of ONNX Runtime)")
     _provider_flag(p)
     p.set_defaults(func=_cmd_verify)
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--top-k", dest="top_k", type=int, default=1, help="classes shown per image (default 1)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of the runtime (torch: intra-op; ONNX Runtime: batch slices side by side)")
+                   help="CPU threads of the runtime (intra-op threads of torch and of ONNX Runtime)")
     p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
                    help="use the file even if its sha256 differs from the manifest.json beside it")
     p.add_argument("--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
