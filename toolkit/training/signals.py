@@ -1,8 +1,8 @@
 """Graceful stop on SIGTERM / SIGINT / SIGUSR1 (pre-emption, Ctrl-C, SLURM's `--signal` warning).
 
-The first signal only sets a flag: the training loop finishes its current step, all processes
-agree (one all-reduce per step), a checkpoint is written and the run exits with
-`Interrupted.exit_code`. The same signal again within `REPEAT_S` is the same request delivered
+The first signal only sets a flag: at the training loop's next flag check (at most
+`toolkit.training.train.CHECK_EVERY` steps later) all processes agree on it in one all-reduce, a
+checkpoint is written and the run exits with `Interrupted.exit_code`. The same signal again within `REPEAT_S` is the same request delivered
 twice: a scheduler signals every process of a job step and the launcher (torchrun's agent)
 forwards what it received, so each worker can see a signal twice within milliseconds. Any other
 signal, or a repeat after that, exits at once with the conventional 128 + signal number.
