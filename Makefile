@@ -1,11 +1,13 @@
-# `make run` and `make test` build .venv from nothing (pip, editable install with the dev extra)
-# when it is missing, then run the main job / the test suite.
+# `make run` and `make test` build .venv from nothing when it is missing (pip, editable install with the dev
+# extra, every package at its version in requirements.lock), then run the main job / the test suite.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every package pinned: pip installs with it as constraints (`make lock` rewrites it; tests/lock.py).
+LOCK := requirements.lock
 # Real CIFAR-10 training split, when this checkout sits beside the shared folder.
 SHARED_TAR := ../shared/data/cifar10-jpg-train.tar.gz
 SHARED_DIR := data/cifar10-jpg
@@ -27,13 +29,23 @@ else
 DATA_FLAGS = --data cifar10 --data-dir data
 endif
 
-.PHONY: run test test-slow test-floor bench gpu-check venv clean
+.PHONY: run test test-slow test-latest test-floor lock bench gpu-check venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[$(ONNXRUNTIME),dev]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[$(ONNXRUNTIME),dev]'
+	$(BIN)/python tests/lock.py check $(LOCK)
 	$(BIN)/python -c "import toolkit, torch, accelerate, onnxruntime, pytest_benchmark"
 	touch $(STAMP)
+
+# Resolve pyproject.toml (cpu and dev extras) afresh with pip in a scratch environment and pin the result:
+# then run `make test` (the new pins) before committing requirements.lock.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --dry-run --ignore-installed --report .venv-lock/report.json \
+		-e '.[cpu,dev]'
+	$(PYTHON) tests/lock.py write .venv-lock/report.json > $(LOCK)
+	rm -rf .venv-lock
 
 venv: $(STAMP)
 
@@ -50,6 +62,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The suite against the newest release of every dependency pyproject.toml admits, in its own .venv-latest
+# (what a fresh `pip install cifar-toolkit` gets today); lists the packages newer than the lock first.
+test-latest:
+	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[cpu,dev]'
+	.venv-latest/bin/python tests/lock.py check $(LOCK) || true
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
 
 # The suite against the lowest version of every dependency pyproject.toml admits (tests/floor.py pins
 # them), in its own .venv-floor: run it before landing changes to export, loading or training. About
@@ -79,4 +99,4 @@ gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check --out "$(OUT)" $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-floor .venv-lock .pytest_cache

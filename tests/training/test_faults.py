@@ -219,7 +219,8 @@ def test_killed_rank_ends_the_job_and_it_resumes(tmp_path):
 def test_sigusr1_under_the_launcher_checkpoints_once_though_delivered_twice(tmp_path):
     """SLURM's `--signal=USR1@T` reaches every process of the job step, and torchrun's agent (told to handle
     SIGUSR1, as launch/slurm/train.sbatch does) forwards it again: one stop, one checkpoint, status.json says
-    interrupted. The launcher's own exit code is 1; status.json keeps the 75 the run meant."""
+    interrupted. The launcher exits non-zero (its exact code is the launcher's business: 1, or the signal's
+    128 + 10, by release); status.json keeps the 75 the run meant."""
     import psutil
 
     from tests.helpers import accelerate_launch_cmd
@@ -235,7 +236,7 @@ def test_sigusr1_under_the_launcher_checkpoints_once_though_delivered_twice(tmp_
     for process in [launcher, *workers]:
         process.send_signal(signal.SIGUSR1)
     _, err = launcher.communicate(timeout=120)
-    assert launcher.returncode == 1
+    assert launcher.returncode != 0
     status = json.loads((run / "status.json").read_text())
     assert (status["state"], status["exit_code"]) == ("interrupted", 75), err[-3000:]
     final = list_checkpoints(run / "checkpoints")[-1]

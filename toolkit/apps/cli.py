@@ -69,6 +69,11 @@ def _tolerance_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
                         help=f"{prefix}relative logit tolerance of fp32 formats (default {formats.LOGIT_RTOL:g})")
 
 
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per runtime (intra-op threads of torch and of ONNX Runtime)")
+
+
 def _provider_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=PROVIDERS, default=DEFAULT_PROVIDER,
                         help="where ONNX Runtime runs .onnx files: auto (CUDA when this onnxruntime build has it, "
@@ -76,14 +81,13 @@ def _provider_flag(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_PROVIDER})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (run under `accelerate launch` for several processes)")
     add_config_flags(p)
     p.set_defaults(func=_cmd_train)
 
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="train, evaluate, export all formats, verify them, draw pictures, write report.md")
     add_config_flags(p)
     p.add_argument("--export-dir", dest="export_dir", type=Path, default=None,
@@ -92,16 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     _tolerance_flags(p, "verification: ")
     p.set_defaults(func=_cmd_run)
 
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="how a run's latest start ended, or that it is running (runs/NAME/status.json)")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder (runs/<name>)")
     p.add_argument("--field", choices=[f.name for f in dataclasses.fields(RunStatus)], default=None,
                    help="print only this field of status.json (for scripts: --field state)")
     p.set_defaults(func=_cmd_status)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="rebuild a run's report.md and pictures from its files")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder (runs/<name>)")
     p.set_defaults(func=_cmd_report)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="overall and per-class accuracy of a run's final weights")
     p.add_argument("--run", type=Path, required=True, help="run folder (runs/<name>)")
     _data_flags(p)
@@ -109,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write TorchScript, ONNX (fp32, fp16, int8) and torch.export files (+ manifest) "
                                       "from a run")
     p.add_argument("--run", type=Path, required=True, help="run folder (runs/<name>)")
@@ -119,31 +131,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=_cmd_export)
 
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check every exported file against the eager model over a whole split")
     p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="export folder (exports/<name>)")
     _data_flags(p)
     p.add_argument("--split", choices=HELD_OUT_SPLITS, default=HELD_OUT_SPLITS[0])
     p.add_argument("--json-out", type=Path, default=None, help="also write the report as JSON here")
     _tolerance_flags(p)
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per runtime (intra-op threads of torch and of ONNX Runtime)")
+    _threads_flag(p)
     _provider_flag(p)
     p.set_defaults(func=_cmd_verify)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="label image files with an exported model (.onnx, .ts, .pt2)")
     p.add_argument("artifact", type=Path, metavar="PATH",
                    help="model.onnx (or model.fp16.onnx, model.int8.onnx), model.ts, model.pt2 or eager weights")
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG/JPEG files, any size")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--top-k", dest="top_k", type=int, default=1, help="classes shown per image (default 1)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of the runtime (intra-op threads of torch and of ONNX Runtime)")
+    _threads_flag(p)
     p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
                    help="use the file even if its sha256 differs from the manifest.json beside it")
     p.add_argument("--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"refuse more than this many images per call (default {DEFAULT_MAX_BATCH})")
     _provider_flag(p)
     p.set_defaults(func=_cmd_predict)
+
+
+# One function per command, in the order `toolkit --help` lists them.
+_COMMANDS = (_add_train, _add_run, _add_status, _add_report, _add_evaluate, _add_export, _add_verify, _add_predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolkit", description="Train image classifiers with Hugging Face Accelerate, "
+                                     "export them, verify every export against the eager model, and predict.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
     return parser
 
 

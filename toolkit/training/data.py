@@ -250,9 +250,6 @@ def _cache_dir(cfg: DataConfig) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar-toolkit"
 
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
 def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split]:
     from torchvision.datasets import CIFAR10  # here: torchvision takes ~1 s to import, and only this source needs it
 
