@@ -9,8 +9,8 @@ for inference, 3 × forward for training).
 1024×1024 weights, in ONNX Runtime on the CPU at 1 thread, fp32 and quantized to int8 exactly as
 `toolkit export` quantizes model.int8.onnx (`toolkit.artifacts.export.write_onnx_int8`: static QDQ,
 symmetric int8, per-channel weights). Wide layers like this one run on int8 dot-product instructions
-(AVX-512 VNNI, AMX); TutorialNet's layers (3 -> 6 -> 16 channels) are too thin for that (README: "ONNX
-Runtime on the CPU").
+(AVX-512 VNNI, AMX); TutorialNet's layers (3 -> 6 -> 16 channels) are too thin for that (docs/deployment.md: "fp16 and
+int8 exports").
 
 Also unit tests of the analytic FLOP count (benchmarks/flops.py) against the known layer shapes.
 """
