@@ -1,5 +1,6 @@
 """`python -m benchmarks.ort_settings EXPORT_DIR`: which ONNX Runtime session settings make TutorialNet fast on
-this CPU, as an interleaved A/B comparison (docs/deployment.md, "ONNX Runtime on the CPU", explains the settings it compares).
+this CPU, as an interleaved A/B comparison (docs/deployment.md, "ONNX Runtime on the CPU", explains the
+settings it compares).
 
 What: one batch of held-out-like inputs (standard normal, fixed seed; speed does not depend on the values)
 through each variant below, at one thread count and batch size. Every variant is timed once per round
