@@ -19,11 +19,11 @@ with the command that ran it:
 Writes DIR/gpu-check.json (every figure with its command) and DIR/gpu-check.md (the tables for the README).
 
 `--quick` (`make gpu-check QUICK=1`) runs every stage small, on tiny synthetic data (640 images, a few
-steps per run), in well under a minute: on a GPU a smoke run before the full check; on the CPU (no GPU,
-or ACCELERATE_USE_CPU=1) the same stages on the CPU, which is how CI tests this script. Step 1 is then
-`benchmarks/test_gpu.py`'s train_step cases of the device, timed at tiny size; step 2 one batch size and
-the precisions the device trains in (--compile on a GPU only: on the CPU it compiles for about a minute);
-step 3 two epochs.
+steps per run), in under a minute on a 2-core CPU: on a GPU a smoke run before the full check; without
+one (or with ACCELERATE_USE_CPU=1) the same stages on the CPU, which is how CI tests this script. Step 1
+is then `benchmarks/test_gpu.py`'s train_step cases of the device, timed at tiny size; step 2 one batch
+size and the precisions the device trains in (--compile on a GPU only: on the CPU it compiles for about
+a minute); step 3 two epochs.
 """
 
 from __future__ import annotations
