@@ -77,6 +77,17 @@ def scale(pytestconfig: pytest.Config) -> Scale:
     return FULL if full else TINY
 
 
+@pytest.fixture
+def device(request: pytest.FixtureRequest, scale: Scale) -> str:
+    """Where a case of test_gpu.py runs (parametrized indirectly with tests.helpers.on_device): a CUDA GPU, or
+    the CPU, whose cases check the same code paths with timings off or at tiny size. At full size (`make bench`)
+    the CPU's figures are test_inference.py's and test_training.py's, so its cases here skip."""
+    if request.param == "cpu" and scale.full:
+        pytest.skip("the CPU cases of test_gpu.py run at tiny size only: the CPU's figures are test_inference.py's "
+                    "and test_training.py's")
+    return request.param
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _pin_session_threads() -> None:
     """Every torch computation of the session runs on THREADS_ALL threads unless a benchmark pins

@@ -17,6 +17,13 @@ with the command that ran it:
    after every epoch against training seconds.
 
 Writes DIR/gpu-check.json (every figure with its command) and DIR/gpu-check.md (the tables for the README).
+
+`--quick` (`make gpu-check QUICK=1`) runs every stage small, on tiny synthetic data (640 images, a few
+steps per run), in under a minute on a 2-core CPU: on a GPU a smoke run before the full check; without
+one (or with ACCELERATE_USE_CPU=1) the same stages on the CPU, which is how CI tests this script. Step 1
+is then `benchmarks/test_gpu.py`'s train_step cases of the device, timed at tiny size; step 2 one batch
+size and the precisions the device trains in (--compile on a GPU only: on the CPU it compiles for about
+a minute); step 3 two epochs.
 """
 
 from __future__ import annotations
@@ -26,53 +33,89 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from toolkit.training.accelerator import wants_cpu
 from toolkit.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-THROUGHPUT_CASES = [(p, b, False) for b in (128, 1024) for p in ("no", "bf16", "fp16")] + [("no", 1024, True)]
 THROUGHPUT_EPOCHS = 2  # images/s from the second: the first compiles, allocates and warms caches
 LOG_WINDOWS_PER_EPOCH = 4
 TARGET_ACCURACY = 0.70
+PRECISIONS_ON = {"cpu": ("no", "bf16"), "cuda": ("no", "bf16", "fp16")}  # fp16 trains on a GPU only
 
 
-def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, float]:
+@dataclass(frozen=True)
+class Plan:
+    """What the check runs on `device` (cpu or cuda): the full check, or `--quick`'s small version of it."""
+
+    device: str
+    quick: bool
+
+    @property
+    def synthetic_images(self) -> tuple[int, int]:
+        """(train, test) synthetic images when no DATA_DIR is given; 10 % of train is held out for validation."""
+        return (640, 100) if self.quick else (50_000, 500)
+
+    @property
+    def throughput_cases(self) -> list[tuple[str, int, bool]]:
+        """(precision, batch, --compile) of step 2; --compile at the largest batch, on a GPU only."""
+        batches = (64,) if self.quick else (128, 1024)
+        return [(p, b, False) for b in batches for p in PRECISIONS_ON[self.device]] + \
+            ([("no", batches[-1], True)] if self.device == "cuda" else [])
+
+    @property
+    def test_selection(self) -> list[str]:
+        """Step 1's pytest selection: every `gpu` case, or with --quick the device's train_step benchmarks."""
+        return ["benchmarks/test_gpu.py", "-k", f"test_gpu_train_step and {self.device}"] if self.quick else \
+            ["-m", "gpu", "tests", "benchmarks"]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The children's environment: on the CPU even where a GPU is visible; --quick benchmarks at tiny size."""
+        return {**os.environ, **({"ACCELERATE_USE_CPU": "1"} if self.device == "cpu" else {}),
+                **({"TOOLKIT_BENCH_SIZE": "tiny"} if self.quick else {})}
+
+
+def _run(cmd: list[str], log: Path, timeout: float, env: dict[str, str]) -> tuple[int, float]:
     """Run `cmd` from the repository root, its output into `log`; (exit code, wall seconds)."""
     start = time.perf_counter()
     with open(log, "w") as out:
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                                env=env).returncode
         except subprocess.TimeoutExpired:
             rc = 124
     return rc, time.perf_counter() - start
 
 
-def _train(out: Path, name: str, data: list[str], args: list[str], timeout: float) -> dict[str, Any]:
+def _train(plan: Plan, out: Path, name: str, data: list[str], args: list[str], timeout: float) -> dict[str, Any]:
     run = out / "runs" / name
     cmd = [sys.executable, "-m", "toolkit", "train", *data, *args, "--quiet", "--output-dir", str(run), "--overwrite"]
-    rc, wall = _run(cmd, out / f"{name}.log", timeout)
+    rc, wall = _run(cmd, out / f"{name}.log", timeout, plan.env)
     records = read_metrics(run) if rc == 0 else []
     return {"command": " ".join(["toolkit", *cmd[3:]]).replace(str(out), "OUT"), "exit_code": rc,
             "wall_s": round(wall, 1), "records": records,
             "config": json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else None}
 
 
-def throughput(out: Path, data: list[str], steps_per_epoch: dict[int, int]) -> list[dict[str, Any]]:
+def throughput(plan: Plan, out: Path, data: list[str], train_images: int) -> list[dict[str, Any]]:
     rows = []
-    for precision, batch, compiled in THROUGHPUT_CASES:
+    for precision, batch, compiled in plan.throughput_cases:
         name = f"throughput-{precision}-b{batch}" + ("-compile" if compiled else "")
-        log_every = max(1, steps_per_epoch[batch] // LOG_WINDOWS_PER_EPOCH)
+        log_every = max(1, -(-train_images // batch) // LOG_WINDOWS_PER_EPOCH)
         args = ["--recipe", "fast", "--epochs", str(THROUGHPUT_EPOCHS), "--batch-size", str(batch),
                 "--mixed-precision", precision, "--log-every", str(log_every)] + (["--compile"] if compiled else [])
-        result = _train(out, name, data, args, timeout=300)
+        result = _train(plan, out, name, data, args, timeout=300)
         steps = [r for r in result.pop("records") if r["kind"] == "step" and r["epoch"] > 1]
         speed = statistics.median(r["images_per_s"] for r in steps) if steps else None
         rows.append({"precision": "fp32" if precision == "no" else precision, "batch": batch, "compile": compiled,
@@ -82,8 +125,9 @@ def throughput(out: Path, data: list[str], steps_per_epoch: dict[int, int]) -> l
     return rows
 
 
-def time_to_accuracy(out: Path, data: list[str]) -> dict[str, Any]:
-    result = _train(out, "recipe-gpu", data, ["--recipe", "gpu", "--log-every", "1000000"], timeout=600)
+def time_to_accuracy(plan: Plan, out: Path, data: list[str]) -> dict[str, Any]:
+    epochs = ["--epochs", "2"] if plan.quick else []  # else the recipe's
+    result = _train(plan, out, "recipe-gpu", data, ["--recipe", "gpu", "--log-every", "1000000", *epochs], timeout=600)
     epochs = [r for r in result.pop("records") if r["kind"] == "epoch"]
     reached = next((r for r in epochs if (r["val_accuracy"] or 0) >= TARGET_ACCURACY), None)
     final = epochs[-1] if epochs else None
@@ -94,10 +138,10 @@ def time_to_accuracy(out: Path, data: list[str]) -> dict[str, Any]:
             "curve": [[r["epoch"], r["train_seconds"], r["val_accuracy"]] for r in epochs]}
 
 
-def gpu_tests(out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "benchmarks", "-q", "-p", "no:cacheprovider",
+def gpu_tests(plan: Plan, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "pytest", *plan.test_selection, "-q", "-p", "no:cacheprovider",
            "--benchmark-enable", f"--benchmark-json={out / 'gpu-bench.json'}", "-rs"]
-    rc, wall = _run(cmd, out / "gpu-tests.log", timeout=420)
+    rc, wall = _run(cmd, out / "gpu-tests.log", timeout=420, env=plan.env)
     tail = (out / "gpu-tests.log").read_text().strip().splitlines()[-1:] or [""]
     bench = []
     if (out / "gpu-bench.json").is_file():
@@ -109,7 +153,8 @@ def gpu_tests(out: Path) -> dict[str, Any]:
                               "backend": info.get("backend"), "batch": info.get("batch"),
                               "precision": info.get("precision"), "median_ms": 1e3 * median,
                               "images_per_s": info.get("batch", 0) / median if median else None})
-    return {"command": "pytest -m gpu tests benchmarks --benchmark-enable", "exit_code": rc, "wall_s": round(wall, 1),
+    return {"command": shlex.join(["pytest", *plan.test_selection, "--benchmark-enable"]), "exit_code": rc,
+            "wall_s": round(wall, 1),
             "summary": tail[0], "benchmarks": bench}
 
 
@@ -120,7 +165,9 @@ def _number(x: float | None, digits: int = 0) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown, from whatever stages have run."""
     env = report["environment"]
-    lines = [f"GPU check of {report['date']}: {env['gpu']}, {env['cpus']} CPU cores; torch {env['torch']} "
+    where = "the CPU" if report["device"] == "cpu" else env["gpu"]
+    lines = [f"GPU check{' (--quick)' if report['quick'] else ''} of {report['date']} on {where}: "
+             f"{env['cpus']} CPU cores; torch {env['torch']} "
              f"(CUDA {env['cuda']}), onnxruntime {env['onnxruntime']} (providers: {', '.join(env['ort_providers'])}); "
              f"data: {report['data']}. Total {report['wall_s']:.0f} s.", ""]
     if tests := report["gpu_tests"]:
@@ -155,29 +202,39 @@ def environment() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu-check.md, gpu-check.json and logs")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="CIFAR-10 image folders (train/<class>/...) or torchvision's cifar-10-batches-py; "
-                             "synthetic images when not given")
+    data_source = parser.add_mutually_exclusive_group()
+    data_source.add_argument("--data-dir", type=Path, default=None,
+                             help="CIFAR-10 image folders (train/<class>/...) or torchvision's cifar-10-batches-py; "
+                                  "synthetic images when not given")
+    data_source.add_argument("--quick", action="store_true",
+                             help="every stage small, on tiny synthetic data, in under a minute; on the CPU where "
+                                  "there is no GPU or ACCELERATE_USE_CPU=1")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu-check: error: no CUDA GPU visible (torch.cuda.is_available() is False)", file=sys.stderr)
+    device = "cpu" if wants_cpu() or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.quick:
+        why = "ACCELERATE_USE_CPU asks for the CPU" if torch.cuda.is_available() else \
+            "no CUDA GPU visible (torch.cuda.is_available() is False)"
+        print(f"gpu-check: error: {why}; the full check measures a GPU (--quick runs its stages small, on the CPU "
+              "too)", file=sys.stderr)
         return 2
+    plan = Plan(device, args.quick)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.data_dir is None:
-        data, described = ["--data", "synthetic", "--synthetic-train-size", "50000"], "synthetic (no DATA_DIR)"
-        train_images = 45_000
+        train, test = plan.synthetic_images
+        data = ["--data", "synthetic", "--synthetic-train-size", str(train), "--synthetic-test-size", str(test)]
+        described, train_images = "synthetic (no DATA_DIR)", train - train // 10
     else:
         kind = "cifar10" if (args.data_dir / "cifar-10-batches-py").is_dir() else "imagefolder"
         data, described, train_images = ["--data", kind, "--data-dir", str(args.data_dir.resolve())], \
             f"{kind} {args.data_dir}", 45_000
     start = time.perf_counter()
-    report: dict[str, Any] = {"date": _dt.date.today().isoformat(), "environment": environment(), "data": described,
-                              "gpu_tests": {}, "throughput": [], "time_to_accuracy": {}, "wall_s": 0.0}
-    steps = {b: -(-train_images // b) for b in (128, 1024)}
-    stages = (("gpu_tests", lambda: gpu_tests(out)),  # first: it also decodes the data into the cache
-              ("throughput", lambda: throughput(out, data, steps)),
-              ("time_to_accuracy", lambda: time_to_accuracy(out, data)))
+    report: dict[str, Any] = {"date": _dt.date.today().isoformat(), "device": device, "quick": args.quick,
+                              "environment": environment(), "data": described, "gpu_tests": {}, "throughput": [],
+                              "time_to_accuracy": {}, "wall_s": 0.0}
+    stages = (("gpu_tests", lambda: gpu_tests(plan, out)),  # first: it also decodes the data into the cache
+              ("throughput", lambda: throughput(plan, out, data, train_images)),
+              ("time_to_accuracy", lambda: time_to_accuracy(plan, out, data)))
     for key, stage in stages:
         report[key] = stage()
         report["wall_s"] = time.perf_counter() - start

@@ -13,6 +13,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,11 +24,19 @@ from PIL import Image
 from toolkit.artifacts.formats import FORMATS, LogitTolerance
 from toolkit.core.files import sha256_file
 
+if TYPE_CHECKING:
+    from _pytest.mark import ParameterSet  # what pytest.param returns
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny synthetic data: 400 training images (no hold-out) and 100 test images.
 TINY = ["--data", "synthetic", "--synthetic-train-size", "400", "--synthetic-test-size", "100",
         "--val-fraction", "0", "--log-every", "1", "--threads", "1"]
+# The devices of the tests of the device paths (tests/training/test_gpu.py, benchmarks/test_gpu.py): always the
+# CPU, so that CI runs every line of them, and the CUDA GPU where there is one (its cases marked `gpu`).
+DEVICE_NAMES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+# The mixed precisions each device trains in: fp16 needs a GPU (the toolkit refuses it on the CPU).
+PRECISIONS_ON = {"cpu": ("no", "bf16"), "cuda": ("no", "bf16", "fp16")}
 # The `exported` fixture's run: 500 synthetic images, 3 epochs, about 100 % test accuracy in a few seconds.
 TRAIN_ARGS = ["--data", "synthetic", "--synthetic-train-size", "500", "--synthetic-test-size", "200",
               "--epochs", "3", "--batch-size", "16", "--lr", "0.05", "--threads", "1"]
@@ -52,6 +61,25 @@ class Export:
     run: Path  # the trained run folder
     dir: Path  # its export folder (all formats); tests that modify files work on a copy
     log: str  # stdout + stderr of `toolkit export`
+
+
+def on_device(device: str, *values: object, marks: Sequence[pytest.MarkDecorator] = ()) -> ParameterSet:
+    """`pytest.param(device, *values)` with the id `device-value-...`, and marked `gpu` when `device` is cuda."""
+    return pytest.param(device, *values, id="-".join(map(str, (device, *values))),
+                        marks=[*marks, *([pytest.mark.gpu] if device == "cuda" else [])])
+
+
+def devices(*cpu_marks: pytest.MarkDecorator) -> list[ParameterSet]:
+    """A `device` parametrization over DEVICE_NAMES; `cpu_marks` (e.g. pytest.mark.slow) mark the CPU case only."""
+    return [on_device(device, marks=cpu_marks if device == "cpu" else ()) for device in DEVICE_NAMES]
+
+
+DEVICES = devices()
+
+
+def device_env(device: str) -> dict[str, str]:
+    """`run_cli(env=...)` that trains on `device`: ACCELERATE_USE_CPU=1 keeps a CPU run there where a GPU is visible."""
+    return {"ACCELERATE_USE_CPU": "1"} if device == "cpu" else {}
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -288,10 +288,16 @@ def train_one_epoch(loop: Loop, logger: MetricLogger, stop: GracefulStop) -> Non
     flags = StepFlags(accelerator.device, state.global_step)
     clock = time.perf_counter()  # training time (data and steps) runs from here; checkpoint writes pause it
     loop.model.train()
+    starts_step = True  # the next micro-batch is the first of an optimizer step (of its accumulation window)
     for images, labels in batches:
-        if loop.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse their outputs
+        if starts_step and loop.compile_mode == "reduce-overhead":
+            # Once marked, CUDA graphs begin a new step only when marked again, and a new step may reuse the
+            # memory of the previous step's outputs. Autograd keeps the gradients of a window's first micro-batch,
+            # such an output, as .grad and adds the later micro-batches' to it: so a step begins with the first
+            # micro-batch of an optimizer step, never inside its accumulation window.
+            torch.compiler.cudagraph_mark_step_begin()
         loss = train_step(loop.forward, images, labels, loop.optimizer, loop.loss_fn, accelerator)
+        starts_step = accelerator.sync_gradients
         flags.record(loss, state.global_step)
         logger.batch(loss, torch.isfinite(loss), len(labels))
         state.batches_done += 1
