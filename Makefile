@@ -103,9 +103,10 @@ results: $(STAMP)
 # On a GPU machine (offline; its python3 already has torch, accelerate, onnx, onnxruntime, pytest and
 # pytest-benchmark): `python3 -m pip install --no-deps --no-build-isolation -e .`, then
 # `make gpu-check OUT=DIR DATA_DIR=data/cifar10-jpg`. About 6 minutes; writes DIR/gpu-check.md and .json.
+# QUICK=1: every stage small, on synthetic data, under a minute, on the CPU too (CI runs it that way).
 OUT ?= gpu-check
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check --out "$(OUT)" $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
+	$(PYTHON) -m benchmarks.gpu_check --out "$(OUT)" $(if $(QUICK),--quick) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-floor .venv-lock .pytest_cache
