@@ -29,7 +29,7 @@ else
 DATA_FLAGS = --data cifar10 --data-dir data
 endif
 
-.PHONY: run test test-slow test-latest test-floor lock bench results gpu-check venv clean
+.PHONY: run test test-slow test-latest test-floor lock bench results coverage gpu-check venv clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,16 @@ bench: $(STAMP)
 		--benchmark-storage=benchmarks/results/storage --benchmark-autosave \
 		--benchmark-json=benchmarks/results/$$(date +%Y%m%d-%H%M%S).json $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.report
+
+# The device paths (training and inference code a GPU runs) and how much of them the CPU test run executes:
+# the device tests on the CPU, with coverage, subprocesses included; a report of the lines never run.
+DEVICE_TESTS := tests/training/test_gpu.py benchmarks/test_gpu.py tests/benchmarks/test_gpu_check.py
+DEVICE_PATHS := toolkit/training/train.py,toolkit/training/data.py,toolkit/training/checkpoint.py,benchmarks/gpu_check.py,benchmarks/test_gpu.py,tests/training/test_gpu.py
+coverage: $(STAMP)
+	$(BIN)/python -m coverage erase
+	$(BIN)/python -m coverage run -m pytest -q -p no:cacheprovider -m "slow or not slow" $(DEVICE_TESTS)
+	$(BIN)/python -m coverage combine -q || true
+	$(BIN)/python -m coverage report -m --include="$(DEVICE_PATHS)"
 
 # docs/results.md, the full measurement tables, from the results file a `make bench` run left in docs/results/
 # (copy benchmarks/results/<timestamp>.json there as $(RESULTS)): generated, never typed.
