@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the runtime (intra-op threads of torch and of ONNX Runtime)")
     p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
-                   help="use the file even if its sha256 differs from the manifest.json beside it")
+                   help="use the file even if its sha256 differs from the manifest.json beside it, or if it is "
+                        "a .ts/.pt2 program that no manifest.json lists")
     p.add_argument("--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"refuse more than this many images per call (default {DEFAULT_MAX_BATCH})")
     _provider_flag(p)

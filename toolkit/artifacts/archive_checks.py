@@ -66,13 +66,13 @@ def _archive_errors(path: Path, what: str) -> Iterator[None]:
         raise ArtifactError(f"{path}: not a loadable {what} file ({first_line(exc)})") from None
 
 
-def _zip_entries(path: Path, what: str) -> tuple[zipfile.ZipFile, str, list[str]]:
-    """Open a .ts/.pt2 archive: (zip, its root folder, entry names below the root)."""
+def _zip_entries(path: Path, what: str, data: bytes) -> tuple[zipfile.ZipFile, str, list[str]]:
+    """Open a .ts/.pt2 archive, `data` read from `path`: (zip, its root folder, entry names below the root)."""
     # A quick check gives "not a ... file" rather than a miniz error.
-    if not zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(io.BytesIO(data)):
         raise ArtifactError(f"{path}: not a {what} file (not a zip archive; truncated or a different format?)")
     with _archive_errors(path, what):
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(io.BytesIO(data))
         names = archive.namelist()
     roots = {name.split("/", 1)[0] for name in names}
     if len(roots) != 1 or any("/" not in name for name in names):
@@ -108,8 +108,9 @@ def _check_pickle(path: Path, what: str, entry: str, data: bytes) -> None:
                                       "(it would run Python while loading)")
 
 
-def check_torchscript_archive(path: Path) -> None:
-    """A TorchScript archive as `torch.jit.save` writes it, and no code that runs at load time.
+def check_torchscript_archive(path: Path, data: bytes) -> None:
+    """`data`, the content of `path`: a TorchScript archive as `torch.jit.save` writes it, and no code that
+    runs at load time.
 
     Its pickles (data.pkl, constants.pkl, the debug pickles beside the code) may only rebuild tensors
     and the archive's own TorchScript classes; and a scripted class's `__setstate__`, which would run
@@ -117,7 +118,7 @@ def check_torchscript_archive(path: Path) -> None:
     """
     what = "TorchScript"
     check_torch_version(path, what)
-    archive, root, entries = _zip_entries(path, what)
+    archive, root, entries = _zip_entries(path, what, data)
     with archive, _archive_errors(path, what):
         required = ["data.pkl", "constants.pkl", "version"]
         missing = [e for e in required if e not in entries]
@@ -188,8 +189,9 @@ def _walk_json(value, key: str = ""):
             yield from _walk_json(v, key)
 
 
-def check_pt2_archive(path: Path) -> None:
-    """Refuse a .pt2 archive that would make `torch.export.load` or `.module()` run code of the file's choosing.
+def check_pt2_archive(path: Path, data: bytes) -> None:
+    """Refuse `data`, the content of the .pt2 file `path`, if it would make `torch.export.load` or `.module()`
+    run code of the file's choosing.
 
     torch.export.load (torch 2.x) unpickles `use_pickle` weights and constants with
     `torch.load(weights_only=False)`, custom and opaque objects with `pickle.loads`, and its sample
@@ -201,7 +203,7 @@ def check_pt2_archive(path: Path) -> None:
     """
     what = "torch.export (.pt2)"
     check_torch_version(path, what)
-    archive, root, entries = _zip_entries(path, what)
+    archive, root, entries = _zip_entries(path, what, data)
     with archive, _archive_errors(path, what):
         def read(entry: str) -> bytes:
             return archive.read(f"{root}/{entry}")

@@ -1,8 +1,9 @@
 """The ONNX Runtime behind `Backend`: .onnx files (fp32, fp16, int8) on the CPU, CUDA or TensorRT.
 
 Torch-free and onnx-free: serving a model imports only onnxruntime and numpy (`toolkit predict`
-starts in a fraction of torch's import time). The file's bytes are read once, checked
-(`onnx_checks.check_self_contained`) and handed to ONNX Runtime, so the bytes checked are the bytes run.
+starts in a fraction of torch's import time). The file's bytes are read once (by `load_backend`, which
+checks their sha256), checked (`onnx_checks.check_self_contained`) and handed to ONNX Runtime, so the
+bytes checked are the bytes run.
 
 Providers (`--provider`): `cpu`, `cuda`, `tensorrt`, or `auto` (CUDA when this onnxruntime build has
 it, else the CPU; TensorRT only on request, since it builds an engine per input shape on first use).
@@ -164,11 +165,9 @@ def _start_gpu_libraries() -> None:
         ort.preload_dlls()
 
 
-def load(path: Path, fmt: Format, threads: int | None, provider: str) -> Backend:
-    try:
-        model = path.read_bytes()
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from None
+def load(path: Path, fmt: Format, model: bytes, threads: int | None, provider: str) -> Backend:
+    """An .onnx file as a `Backend`: `model`, its bytes as `load_backend` read and hash-checked them, checked
+    to be self-contained and handed to ONNX Runtime."""
     check_self_contained(path, model)
     choice = resolve_provider(provider, ort.get_available_providers())
     if choice != "cpu" and hasattr(ort, "preload_dlls"):
