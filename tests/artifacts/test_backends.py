@@ -6,6 +6,8 @@ import io
 import json
 import pickle
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -463,6 +465,59 @@ def test_crafted_archives_are_refused_without_running_their_payload(exported: Ex
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert not marker.exists(), f"{case}: the payload ran"
+
+
+def _with_entry_first(src: Path, dst: Path, name: str, content: bytes) -> Path:
+    """`src` copied to `dst` with an extra entry `name` holding `content` written first: where `name` is one of
+    `src`'s entries (or that name in other letter case), the archive then holds it twice, the crafted one first."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile: "Duplicate name", which is the point
+        zout.writestr(name, content)
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info))
+    return dst
+
+
+@pytest.mark.parametrize("source, name, crafted, fragment", [
+    ("model.ts", "model/data.pkl", lambda m: pickle.dumps(_Payload(m), protocol=2),
+     "it holds two entries named 'model/data.pkl' (zip readers differ on which one that name means)"),
+    ("model.ts", "model/DATA.pkl", lambda m: pickle.dumps(_Payload(m), protocol=2),
+     "its entries 'model/DATA.pkl' and 'model/data.pkl' are one name to torch's reader, which ignores case"),
+    ("model.pt2", "model/data/sample_inputs/model.pt", lambda m: _torch_save(((_Payload(m),), {})),
+     "it holds two entries named 'model/data/sample_inputs/model.pt' (zip readers differ on which one that name "
+     "means)"),
+], ids=["ts-same-name", "ts-other-case", "pt2-same-name"])
+def test_an_archive_with_two_entries_of_one_name_is_refused(exported: Export, tmp_path: Path, source: str,
+                                                           name: str, crafted, fragment: str) -> None:
+    """Python's zipfile reads the last of two same-named entries and torch's reader may read the first (and takes
+    names in any letter case for one): the checks would vouch for one entry and torch load the other."""
+    marker = tmp_path / "payload-ran"
+    path = _with_entry_first(exported.dir / source, tmp_path / f"twice{Path(source).suffix}", name, crafted(marker))
+    with pytest.raises(ArtifactError) as info:
+        load_backend(path, check_hash=False)
+    what = "TorchScript" if source.endswith(".ts") else "torch.export (.pt2)"
+    assert str(info.value) == f"{path}: refusing to load this {what} file: {fragment}"
+    assert not marker.exists()
+
+
+def test_code_in_other_letter_case_is_checked_as_code(exported: Export, tmp_path: Path) -> None:
+    """torch.jit.load finds `code/...py` under `CODE/...PY` too: those entries are checked like any code."""
+    def rename(name: str) -> str:
+        return name.replace("model/code/", "model/CODE/").removesuffix(".py") + ".PY" if name.endswith(".py") else \
+            name.replace("model/code/", "model/CODE/")
+
+    path = tmp_path / "cased.ts"
+    with zipfile.ZipFile(exported.dir / "model.ts") as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "model/code/__torch__/toolkit/training/models.py":
+                data += b"\n  def __setstate__(self, state: Tuple[int]) -> None:\n    pass\n"
+            zout.writestr(rename(info.filename), data)
+        zout.writestr("model/code/unused.py", b"")  # something under code/ in lower case, as the old check wanted
+    with pytest.raises(ArtifactError) as info:
+        load_backend(path, check_hash=False)
+    assert str(info.value) == (f"{path}: refusing to load this TorchScript file: CODE/__torch__/toolkit/training/"
+                               "models.PY defines __setstate__, code that would run while loading")
 
 
 def test_an_untouched_rewrite_still_loads(exported: Export, tmp_path: Path) -> None:
