@@ -401,10 +401,13 @@ def _os_target(marker: Path):
     return {"model/models/model.json": _edit_json(edit)}
 
 
-def _setstate(marker: Path):
-    def edit(code: bytes) -> bytes:  # TorchScript runs __setstate__ while loading
-        return code + b"\n  def __setstate__(self, state: Tuple[int]) -> None:\n    pass\n"
-    return {"model/code/__torch__/toolkit/training/models.py": edit}
+def _setstate(definition: bytes):
+    """A `__setstate__` method added to the model's class, its `def` line written as `definition`."""
+    def craft(marker: Path):
+        def edit(code: bytes) -> bytes:  # TorchScript runs __setstate__ while loading
+            return code + b"\n  " + definition + b"(self, state: Tuple[int]) -> None:\n    pass\n"
+        return {"model/code/__torch__/toolkit/training/models.py": edit}
+    return craft
 
 
 # (case, source file, suffix to write, how: replace / add / whole file, fragments of the error)
@@ -415,7 +418,20 @@ _CRAFTED = [
      ["refusing to load this TorchScript file", "constants.pkl refers to io.open"]),
     ("ts-stack-global", "model.ts", ".ts", lambda m: {"model/data.pkl": pickle.dumps(_Payload(m), protocol=4)},
      ["refusing to load this TorchScript file", "data.pkl refers to STACK_GLOBAL"]),
-    ("ts-setstate", "model.ts", ".ts", _setstate, ["refusing to load this TorchScript file", "__setstate__"]),
+    ("ts-setstate", "model.ts", ".ts", _setstate(b"def __setstate__"),
+     ["refusing to load this TorchScript file", "models.py defines __setstate__ (line "]),
+    ("ts-setstate-two-spaces", "model.ts", ".ts", _setstate(b"def  __setstate__"),
+     ["refusing to load this TorchScript file", "models.py defines __setstate__ (line "]),
+    ("ts-setstate-tab", "model.ts", ".ts", _setstate(b"def\t__setstate__"),
+     ["refusing to load this TorchScript file", "models.py defines __setstate__ (line "]),
+    ("ts-setstate-continued", "model.ts", ".ts", _setstate(b"def \\\n    __setstate__"),
+     ["refusing to load this TorchScript file", "models.py defines __setstate__ (line "]),
+    ("ts-setstate-called", "model.ts", ".ts", _setstate(b"def f(self, x: int) -> None:\n    self.__setstate__(x)\n  def g"),
+     ["refusing to load this TorchScript file", "models.py refers to __setstate__ (line "]),
+    ("ts-setstate-string", "model.ts", ".ts", _setstate(b"# def __setstate__\n  def g"),
+     ["refusing to load this TorchScript file", "models.py mentions __setstate__ in a string or comment"]),
+    ("ts-code-not-python", "model.ts", ".ts", _setstate(b"def f(self) -> None: {{\n  def g"),
+     ["refusing to load this TorchScript file", "models.py is not code as torch.jit.save writes it (SyntaxError"]),
     ("torch-save-as-ts", None, ".ts", lambda m: _torch_save({"x": _Payload(m)}),
      ["not a TorchScript file", "no constants.pkl", "torch.save"]),
     ("pt2-as-ts", "model.pt2", ".ts", None, ["not a TorchScript file", "looks like a torch.export .pt2"]),
@@ -516,8 +532,8 @@ def test_code_in_other_letter_case_is_checked_as_code(exported: Export, tmp_path
         zout.writestr("model/code/unused.py", b"")  # something under code/ in lower case, as the old check wanted
     with pytest.raises(ArtifactError) as info:
         load_backend(path, check_hash=False)
-    assert str(info.value) == (f"{path}: refusing to load this TorchScript file: CODE/__torch__/toolkit/training/"
-                               "models.PY defines __setstate__, code that would run while loading")
+    assert str(info.value).startswith(f"{path}: refusing to load this TorchScript file: CODE/__torch__/toolkit/"
+                                      "training/models.PY defines __setstate__")
 
 
 def test_an_untouched_rewrite_still_loads(exported: Export, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ trusted only on the torch versions the project declares and tests (`check_torch_
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import io
@@ -123,6 +124,28 @@ def _check_pickle(path: Path, what: str, entry: str, data: bytes) -> None:
                                       "(it would run Python while loading)")
 
 
+def _check_code(path: Path, what: str, entry: str, source: bytes) -> None:
+    """Refuse TorchScript code that defines or names `__setstate__`, which torch.jit.load would run.
+
+    The code is parsed as Python, whose syntax the code `torch.jit.save` writes follows, so no spacing,
+    tab or line continuation hides a definition; code Python cannot parse is refused, and so is the name
+    anywhere else (a string or comment as Python reads it), since TorchScript's own lexer is not Python's.
+    A toolkit export never mentions `__setstate__`.
+    """
+    try:
+        tree = ast.parse(source, filename=entry)
+    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes, on Pythons before 3.12
+        raise _refuse(path, what, f"{entry} is not code as torch.jit.save writes it ({first_line(exc)})") from None
+    for node in ast.walk(tree):
+        if "__setstate__" in (getattr(node, "name", None), getattr(node, "id", None), getattr(node, "attr", None)):
+            verb = "defines" if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else "refers to"
+            raise _refuse(path, what, f"{entry} {verb} __setstate__ (line {node.lineno}), code that would run "
+                                      "while loading")
+    if b"__setstate__" in source:
+        raise _refuse(path, what, f"{entry} mentions __setstate__ in a string or comment, which TorchScript's "
+                                  "parser might read as code that would run while loading")
+
+
 def check_torchscript_archive(path: Path, data: bytes) -> None:
     """`data`, the content of `path`: a TorchScript archive as `torch.jit.save` writes it, and no code that
     runs at load time.
@@ -148,8 +171,7 @@ def check_torchscript_archive(path: Path, data: bytes) -> None:
             if name.endswith((".pkl", ".debug_pkl")):
                 _check_pickle(path, what, entry, archive.read(info))
             if name.startswith("code/") and name.endswith(".py"):
-                if re.search(rb"\bdef __setstate__\b", archive.read(info)):
-                    raise _refuse(path, what, f"{entry} defines __setstate__, code that would run while loading")
+                _check_code(path, what, entry, archive.read(info))
 
 
 # What `torch.export.save` writes for one plain ExportedProgram, relative to the archive's root folder.
