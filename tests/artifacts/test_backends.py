@@ -252,6 +252,61 @@ def test_a_provider_that_cannot_start_is_an_error_not_a_silent_fall_back(exporte
     assert "\n" not in message
 
 
+def _sessions_fail_on(monkeypatch, provider: str, error: Exception) -> None:
+    """From now on an ONNX Runtime session whose providers include `provider` fails with `error`, the others start
+    as usual: a provider whose library fails, on a machine and build that have it."""
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+
+    def session(model, options=None, providers=None, **kwargs):
+        if provider in [p[0] if isinstance(p, tuple) else p for p in providers or []]:
+            raise error
+        return real(model, options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    if provider != "CPUExecutionProvider":
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [provider, "CPUExecutionProvider"])
+        monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: None, raising=False)
+
+
+def test_a_provider_or_library_failure_is_not_called_an_invalid_model(exported: Export, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """What ONNX Runtime says when the file is no model it can run, when a GPU provider fails (here a CUDA error,
+    which ONNX Runtime raises as a Fail like a model's error) and when the library itself fails on the CPU: three
+    different one-line errors, each quoting ONNX Runtime."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
+
+    bad = tmp_path / "bad.onnx"
+    shutil.copy(exported.dir / "model.onnx", bad)
+    edit_onnx(bad, lambda m: setattr(m.graph.node[0], "op_type", "NoSuchOperator"))
+    with pytest.raises(ArtifactError) as info:
+        load_backend(bad)
+    assert str(info.value).startswith(f"{bad}: not a loadable ONNX model (InvalidGraph: ")
+    assert "NoSuchOperator" in str(info.value)
+
+    cuda = "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 100: no CUDA-capable device is detected ; GPU=0"
+    with monkeypatch.context() as patch:
+        _sessions_fail_on(patch, "CUDAExecutionProvider", Fail(cuda))
+        with pytest.raises(ConfigError) as info:
+            load_backend(exported.dir / "model.onnx", provider="cuda")
+        message = str(info.value)
+        assert message.startswith(f"--provider cuda: ONNX Runtime could not start CUDAExecutionProvider for "
+                                  f"{exported.dir / 'model.onnx'} (Fail: {cuda}); the model itself starts on the CPU "
+                                  "(--provider cpu)") and "\n" not in message, message
+        with pytest.raises(ArtifactError, match=r"bad\.onnx: not a loadable ONNX model \(InvalidGraph: "):
+            load_backend(bad, provider="cuda")  # fails on the CPU too: the model, whatever CUDA said
+
+    broken = "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: bad_alloc"
+    with monkeypatch.context() as patch:
+        _sessions_fail_on(patch, "CPUExecutionProvider", RuntimeException(broken))
+        with pytest.raises(ConfigError) as info:
+            load_backend(exported.dir / "model.onnx", provider="cpu")
+    assert str(info.value).startswith(f"{exported.dir / 'model.onnx'}: ONNX Runtime failed to start "
+                                      f"CPUExecutionProvider (RuntimeException: {broken}): an error of this "
+                                      "onnxruntime build (onnxruntime 1.")
+
+
 def test_without_onnxruntime_an_onnx_file_is_one_line_saying_what_to_install(exported: Export, monkeypatch) -> None:
     import sys
 
