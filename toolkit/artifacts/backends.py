@@ -37,14 +37,16 @@ Which files are safe to load
   at load time (`__setstate__`); `torch.export.load` unpickles parts of the archive without
   restrictions, evaluates symbolic-shape strings with `sympy.sympify` (Python `eval`), executes
   the archive's guard code and loads AOTInductor native libraries. Load them only from sources you
-  trust, or after checking their sha256 against a `manifest.json` you trust. `toolkit predict` and
-  `toolkit verify` check the hash against the manifest beside the file before loading it, and
-  before calling torch's loaders this module refuses archives that are not what their suffix says
-  or that hold pickled objects, compiled code, guard code or anything a toolkit export does not
-  contain. That check narrows the attack surface; it is not a sandbox.
-- Checkpoints: `model.safetensors` is data; the optimizer, scheduler and RNG `.pt` files are read
-  with `torch.load(weights_only=True)` (no arbitrary unpickling), after their sha256 is checked
-  against `state.json`.
+  trust, or after checking their sha256 against a `manifest.json` you trust. `load_backend` reads
+  the file once and, unless `check_hash=False` (`toolkit predict --no-hash-check`), refuses a program
+  that no manifest beside it lists, or any file whose sha256 differs from its entry; then, on the same
+  bytes, the archive checks (`archive_checks`) refuse archives that are not what their suffix says or
+  that hold pickled objects, compiled code, guard code, `__setstate__`, two entries of one name or
+  anything else a toolkit export does not contain. Those checks narrow the attack surface; they are
+  not a sandbox.
+- Checkpoints: `model.safetensors` is data; the optimizer, scheduler, GradScaler and RNG `.pt` files
+  are read with `torch.load(weights_only=True)` (no arbitrary unpickling), and only files that
+  `state.json` lists, each loaded from the bytes whose sha256 was checked against it.
 """
 
 from __future__ import annotations
