@@ -307,6 +307,21 @@ def test_a_provider_or_library_failure_is_not_called_an_invalid_model(exported: 
                                       "onnxruntime build (onnxruntime 1.")
 
 
+def test_a_model_whose_names_are_not_utf8_is_an_invalid_model_and_prints_nothing(exported: Export, tmp_path: Path,
+                                                                                    capsys) -> None:
+    """ONNX Runtime fails on such a file with a UnicodeDecodeError (a ValueError), retries on the CPU and print()s
+    that it did: an invalid model all the same, and stdout (`toolkit predict --json`) stays clean."""
+    data = (exported.dir / "model.onnx").read_bytes()
+    at = data.index(b"images") + 1  # the input's name, first mentioned by the first node
+    path = tmp_path / "names.onnx"
+    path.write_bytes(data[:at] + b"\xff" + data[at + 1:])
+    capsys.readouterr()
+    with pytest.raises(ArtifactError) as info:
+        load_backend(path)
+    assert str(info.value).startswith(f"{path}: not a loadable ONNX model (UnicodeDecodeError: ")
+    assert capsys.readouterr().out == ""
+
+
 def test_without_onnxruntime_an_onnx_file_is_one_line_saying_what_to_install(exported: Export, monkeypatch) -> None:
     import sys
 

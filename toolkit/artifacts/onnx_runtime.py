@@ -190,7 +190,7 @@ def _session_error(path: Path, model: bytes, exc: Exception, choice: str, flag: 
                                f"{path} ({first_line(exc)}); the model itself starts on the CPU (--provider cpu); "
                                f"are the CUDA and cuDNN libraries that {_build().removeprefix('this ')} needs "
                                "installed? see README: GPU")
-    if type(exc).__name__ in _NOT_A_MODEL:
+    if type(exc).__name__ in _NOT_A_MODEL or isinstance(exc, UnicodeError):  # a name in the file is not UTF-8
         return ArtifactError(f"{path}: not a loadable ONNX model ({first_line(exc)})")
     return ConfigError(f"{path}: ONNX Runtime failed to start {EXECUTION_PROVIDERS['cpu']} ({first_line(exc)}): "
                        f"an error of {_build()}, not one it gives for invalid models")
@@ -206,8 +206,11 @@ def load(path: Path, fmt: Format, model: bytes, threads: int | None, provider: s
     chain = [EXECUTION_PROVIDERS[p] for p in _CHAINS[choice]]
     with_options = [(EXECUTION_PROVIDERS[p], _OPTIONS.get(p, {})) for p in _CHAINS[choice]]
     try:
-        session = ort.InferenceSession(model, _session_options(threads if choice == "cpu" else None),
-                                       providers=with_options)
+        # ONNX Runtime print()s its notes when a session fails with a ValueError or RuntimeError and it retries
+        # on the CPU: they belong on stderr, not in `toolkit predict --json` output.
+        with contextlib.redirect_stdout(sys.stderr):
+            session = ort.InferenceSession(model, _session_options(threads if choice == "cpu" else None),
+                                           providers=with_options)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors (Fail, EPFail, ...) share no base class
         raise _session_error(path, model, exc, choice, provider) from None
     if session.get_providers()[0] != chain[0]:  # ORT falls back silently when a provider cannot start
