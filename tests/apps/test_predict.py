@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from onnx import numpy_helper
 from PIL import Image
 
-from tests.helpers import FILES, ROOT, Export, assert_clean_error, assert_ok, cli, edit_onnx, rehash
+from tests.helpers import FILES, ROOT, Export, assert_clean_error, assert_ok, cli, edit_onnx, rehash, rewrite_zip
+from toolkit.artifacts.backends import load_backend
 from toolkit.core.errors import ArtifactError, ConfigError, DataError, InputError
 from toolkit.training.data import make_synthetic, write_imagefolder
 from toolkit.apps.predict import load, predict_images
@@ -202,16 +207,105 @@ def test_predict_refuses_folders_and_special_files_as_images(exported: Export, i
                            str(tmp_path / name), "cannot read image (not a regular file)")
 
 
+def _torch_loads(monkeypatch) -> list[object]:
+    """What torch's program loaders are asked to open from now on (each call fails, so nothing loads)."""
+    opened: list[object] = []
+
+    def record(f, *args, **kwargs):
+        opened.append(f)
+        raise AssertionError("torch was asked to load the program")
+
+    monkeypatch.setattr(torch.jit, "load", record)
+    monkeypatch.setattr(torch.export, "load", record)
+    return opened
+
+
 @pytest.mark.parametrize("program", ["model.ts", "model.pt2"])
 def test_predict_checks_a_programs_hash_before_loading_it(exported: Export, images, tmp_path: Path, capsys,
                                                           monkeypatch, program: str) -> None:
-    import toolkit.apps.predict
-
     folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
     with open(folder / program, "ab") as f:
         f.write(b"\0")
-    loaded: list[Path] = []
-    monkeypatch.setattr(toolkit.apps.predict, "load_backend", lambda path, **kwargs: loaded.append(path))
+    opened = _torch_loads(monkeypatch)
     assert_clean_error(cli(capsys, "predict", folder / program, images[0][0]), str(folder / program), "sha256",
                        "--no-hash-check")
-    assert loaded == []
+    assert opened == []
+
+
+@pytest.mark.parametrize("program", ["model.ts", "model.pt2"])
+def test_predict_refuses_a_program_that_no_manifest_lists(exported: Export, images, tmp_path: Path, capsys,
+                                                           monkeypatch, program: str) -> None:
+    """A .ts or .pt2 file runs code while loading: with no manifest.json entry to check its sha256 against (no
+    manifest beside it, or one that does not list it) it is refused before torch sees it; --no-hash-check accepts
+    it. A data file needs no entry."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in (program, "model.onnx"):
+        shutil.copy(exported.dir / name, alone / name)
+    unlisted = Path(shutil.copytree(exported.dir, tmp_path / "export")) / f"copy{Path(program).suffix}"
+    shutil.copy(exported.dir / program, unlisted)
+    image, label = images[0]
+    assert_ok(cli(capsys, "predict", alone / "model.onnx", image))
+    for path in (alone / program, unlisted):
+        with monkeypatch.context() as patch:
+            opened = _torch_loads(patch)
+            assert_clean_error(cli(capsys, "predict", path, image), str(path), "no manifest.json entry to check it "
+                               "against", "a program that runs code while loading", "--no-hash-check")
+            assert opened == []
+        proc = cli(capsys, "predict", path, image, "--no-hash-check")
+        assert_ok(proc)
+        assert proc.stdout.split()[1] == label
+
+
+def _zeroed_weights(src: Path, dst: Path) -> bytes:
+    """A loadable file of `src`'s format whose float weights are all zero: it gives other logits than `src`."""
+    if src.suffix == ".onnx":
+        shutil.copy(src, dst)
+
+        def zero(model) -> None:
+            for tensor in model.graph.initializer:
+                values = numpy_helper.to_array(tensor)
+                if values.dtype == np.float32:
+                    tensor.CopyFrom(numpy_helper.from_array(np.zeros_like(values), tensor.name))
+
+        edit_onnx(dst, zero)
+    else:  # TorchScript keeps tensors in data/<n>, torch.export in data/weights/weight_<n>, as raw bytes
+        with zipfile.ZipFile(src) as archive:
+            tensors = {i.filename: bytes(i.file_size) for i in archive.infolist()
+                       if re.search(r"/data/(\d+|weights/weight_\d+)$", i.filename)}
+        assert tensors
+        rewrite_zip(src, dst, replace=tensors)
+    return dst.read_bytes()
+
+
+@pytest.mark.parametrize("artifact", ["model.ts", "model.pt2", "model.onnx"])
+def test_the_bytes_whose_hash_is_checked_are_the_bytes_loaded(exported: Export, tmp_path: Path, monkeypatch,
+                                                              artifact: str) -> None:
+    """The file is swapped for another loadable model right after its sha256 was computed: what runs is still the
+    file whose hash matched the manifest (read once), never the swapped one."""
+    folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
+    path = folder / artifact
+    other = _zeroed_weights(path, tmp_path / f"other{path.suffix}")
+    real = hashlib.sha256
+    swaps: list[Path] = []
+
+    class SwapAfterHashing:
+        def __init__(self, *data: bytes) -> None:
+            self._hash = real(*data)
+
+        def update(self, data: bytes) -> None:
+            self._hash.update(data)
+
+        def hexdigest(self) -> str:
+            if not swaps:  # the first hash computed is the artifact's
+                path.write_bytes(other)
+                swaps.append(path)
+            return self._hash.hexdigest()
+
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with monkeypatch.context() as patch:
+        patch.setattr(hashlib, "sha256", SwapAfterHashing)
+        logits = load(path).backend.predict_logits(x)
+    assert swaps == [path] and path.read_bytes() == other
+    np.testing.assert_array_equal(logits, load_backend(exported.dir / artifact).predict_logits(x))
+    assert not np.allclose(load(path, check_hash=False).backend.predict_logits(x), logits, atol=1e-3)

@@ -6,6 +6,8 @@ import io
 import json
 import pickle
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +99,7 @@ def test_missing_truncated_and_non_model_files(exported: Export, tmp_path: Path,
         if content is not None:
             path.write_bytes(content)
         with pytest.raises(ArtifactError) as info:
-            load_backend(path)
+            load_backend(path, check_hash=False)  # a .ts/.pt2 without a manifest entry is refused before reading
         message = str(info.value)
         assert str(path) in message and "\n" not in message, f"{case}: {message}"
         if case == "missing":
@@ -250,6 +252,76 @@ def test_a_provider_that_cannot_start_is_an_error_not_a_silent_fall_back(exporte
     assert "\n" not in message
 
 
+def _sessions_fail_on(monkeypatch, provider: str, error: Exception) -> None:
+    """From now on an ONNX Runtime session whose providers include `provider` fails with `error`, the others start
+    as usual: a provider whose library fails, on a machine and build that have it."""
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+
+    def session(model, options=None, providers=None, **kwargs):
+        if provider in [p[0] if isinstance(p, tuple) else p for p in providers or []]:
+            raise error
+        return real(model, options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    if provider != "CPUExecutionProvider":
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [provider, "CPUExecutionProvider"])
+        monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: None, raising=False)
+
+
+def test_a_provider_or_library_failure_is_not_called_an_invalid_model(exported: Export, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """What ONNX Runtime says when the file is no model it can run, when a GPU provider fails (here a CUDA error,
+    which ONNX Runtime raises as a Fail like a model's error) and when the library itself fails on the CPU: three
+    different one-line errors, each quoting ONNX Runtime."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
+
+    bad = tmp_path / "bad.onnx"
+    shutil.copy(exported.dir / "model.onnx", bad)
+    edit_onnx(bad, lambda m: setattr(m.graph.node[0], "op_type", "NoSuchOperator"))
+    with pytest.raises(ArtifactError) as info:
+        load_backend(bad)
+    assert str(info.value).startswith(f"{bad}: not a loadable ONNX model (InvalidGraph: ")
+    assert "NoSuchOperator" in str(info.value)
+
+    cuda = "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 100: no CUDA-capable device is detected ; GPU=0"
+    with monkeypatch.context() as patch:
+        _sessions_fail_on(patch, "CUDAExecutionProvider", Fail(cuda))
+        with pytest.raises(ConfigError) as info:
+            load_backend(exported.dir / "model.onnx", provider="cuda")
+        message = str(info.value)
+        assert message.startswith(f"--provider cuda: ONNX Runtime could not start CUDAExecutionProvider for "
+                                  f"{exported.dir / 'model.onnx'} (Fail: {cuda}); the model itself starts on the CPU "
+                                  "(--provider cpu)") and "\n" not in message, message
+        with pytest.raises(ArtifactError, match=r"bad\.onnx: not a loadable ONNX model \(InvalidGraph: "):
+            load_backend(bad, provider="cuda")  # fails on the CPU too: the model, whatever CUDA said
+
+    broken = "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: bad_alloc"
+    with monkeypatch.context() as patch:
+        _sessions_fail_on(patch, "CPUExecutionProvider", RuntimeException(broken))
+        with pytest.raises(ConfigError) as info:
+            load_backend(exported.dir / "model.onnx", provider="cpu")
+    assert str(info.value).startswith(f"{exported.dir / 'model.onnx'}: ONNX Runtime failed to start "
+                                      f"CPUExecutionProvider (RuntimeException: {broken}): an error of this "
+                                      "onnxruntime build (onnxruntime 1.")
+
+
+def test_a_model_whose_names_are_not_utf8_is_an_invalid_model_and_prints_nothing(exported: Export, tmp_path: Path,
+                                                                                    capsys) -> None:
+    """ONNX Runtime fails on such a file with a UnicodeDecodeError (a ValueError), retries on the CPU and print()s
+    that it did: an invalid model all the same, and stdout (`toolkit predict --json`) stays clean."""
+    data = (exported.dir / "model.onnx").read_bytes()
+    at = data.index(b"images") + 1  # the input's name, first mentioned by the first node
+    path = tmp_path / "names.onnx"
+    path.write_bytes(data[:at] + b"\xff" + data[at + 1:])
+    capsys.readouterr()
+    with pytest.raises(ArtifactError) as info:
+        load_backend(path)
+    assert str(info.value).startswith(f"{path}: not a loadable ONNX model (UnicodeDecodeError: ")
+    assert capsys.readouterr().out == ""
+
+
 def test_without_onnxruntime_an_onnx_file_is_one_line_saying_what_to_install(exported: Export, monkeypatch) -> None:
     import sys
 
@@ -399,10 +471,13 @@ def _os_target(marker: Path):
     return {"model/models/model.json": _edit_json(edit)}
 
 
-def _setstate(marker: Path):
-    def edit(code: bytes) -> bytes:  # TorchScript runs __setstate__ while loading
-        return code + b"\n  def __setstate__(self, state: Tuple[int]) -> None:\n    pass\n"
-    return {"model/code/__torch__/toolkit/training/models.py": edit}
+def _setstate(definition: bytes):
+    """A `__setstate__` method added to the model's class, its `def` line written as `definition`."""
+    def craft(marker: Path):
+        def edit(code: bytes) -> bytes:  # TorchScript runs __setstate__ while loading
+            return code + b"\n  " + definition + b"(self, state: Tuple[int]) -> None:\n    pass\n"
+        return {"model/code/__torch__/toolkit/training/models.py": edit}
+    return craft
 
 
 # (case, source file, suffix to write, how: replace / add / whole file, fragments of the error)
@@ -413,7 +488,20 @@ _CRAFTED = [
      ["refusing to load this TorchScript file", "constants.pkl refers to io.open"]),
     ("ts-stack-global", "model.ts", ".ts", lambda m: {"model/data.pkl": pickle.dumps(_Payload(m), protocol=4)},
      ["refusing to load this TorchScript file", "data.pkl refers to STACK_GLOBAL"]),
-    ("ts-setstate", "model.ts", ".ts", _setstate, ["refusing to load this TorchScript file", "__setstate__"]),
+    ("ts-setstate", "model.ts", ".ts", _setstate(b"def __setstate__"),
+     ["refusing to load this TorchScript file", "models.py defines __setstate__ (line "]),
+    ("ts-setstate-two-spaces", "model.ts", ".ts", _setstate(b"def  __setstate__"),
+     ["refusing to load this TorchScript file", "models.py defines __setstate__ (line "]),
+    ("ts-setstate-tab", "model.ts", ".ts", _setstate(b"def\t__setstate__"),
+     ["refusing to load this TorchScript file", "models.py defines __setstate__ (line "]),
+    ("ts-setstate-continued", "model.ts", ".ts", _setstate(b"def \\\n    __setstate__"),
+     ["refusing to load this TorchScript file", "models.py defines __setstate__ (line "]),
+    ("ts-setstate-called", "model.ts", ".ts", _setstate(b"def f(self, x: int) -> None:\n    self.__setstate__(x)\n  def g"),
+     ["refusing to load this TorchScript file", "models.py refers to __setstate__ (line "]),
+    ("ts-setstate-string", "model.ts", ".ts", _setstate(b"# def __setstate__\n  def g"),
+     ["refusing to load this TorchScript file", "models.py mentions __setstate__ in a string or comment"]),
+    ("ts-code-not-python", "model.ts", ".ts", _setstate(b"def f(self) -> None: {{\n  def g"),
+     ["refusing to load this TorchScript file", "models.py is not code as torch.jit.save writes it (SyntaxError"]),
     ("torch-save-as-ts", None, ".ts", lambda m: _torch_save({"x": _Payload(m)}),
      ["not a TorchScript file", "no constants.pkl", "torch.save"]),
     ("pt2-as-ts", "model.pt2", ".ts", None, ["not a TorchScript file", "looks like a torch.export .pt2"]),
@@ -457,7 +545,7 @@ def test_crafted_archives_are_refused_without_running_their_payload(exported: Ex
         replace = {k: v for k, v in recipe.items() if not k.startswith("+")}
         rewrite_zip(exported.dir / source, path, replace=replace, add=add)
     with pytest.raises(ArtifactError) as info:
-        load_backend(path)
+        load_backend(path, check_hash=False)  # no manifest: what is refused here is the archive itself
     message = str(info.value)
     assert message.startswith(str(path)) and "\n" not in message, message
     for fragment in fragments:
@@ -465,10 +553,63 @@ def test_crafted_archives_are_refused_without_running_their_payload(exported: Ex
     assert not marker.exists(), f"{case}: the payload ran"
 
 
+def _with_entry_first(src: Path, dst: Path, name: str, content: bytes) -> Path:
+    """`src` copied to `dst` with an extra entry `name` holding `content` written first: where `name` is one of
+    `src`'s entries (or that name in other letter case), the archive then holds it twice, the crafted one first."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile: "Duplicate name", which is the point
+        zout.writestr(name, content)
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info))
+    return dst
+
+
+@pytest.mark.parametrize("source, name, crafted, fragment", [
+    ("model.ts", "model/data.pkl", lambda m: pickle.dumps(_Payload(m), protocol=2),
+     "it holds two entries named 'model/data.pkl' (zip readers differ on which one that name means)"),
+    ("model.ts", "model/DATA.pkl", lambda m: pickle.dumps(_Payload(m), protocol=2),
+     "its entries 'model/DATA.pkl' and 'model/data.pkl' are one name to torch's reader, which ignores case"),
+    ("model.pt2", "model/data/sample_inputs/model.pt", lambda m: _torch_save(((_Payload(m),), {})),
+     "it holds two entries named 'model/data/sample_inputs/model.pt' (zip readers differ on which one that name "
+     "means)"),
+], ids=["ts-same-name", "ts-other-case", "pt2-same-name"])
+def test_an_archive_with_two_entries_of_one_name_is_refused(exported: Export, tmp_path: Path, source: str,
+                                                           name: str, crafted, fragment: str) -> None:
+    """Python's zipfile reads the last of two same-named entries and torch's reader may read the first (and takes
+    names in any letter case for one): the checks would vouch for one entry and torch load the other."""
+    marker = tmp_path / "payload-ran"
+    path = _with_entry_first(exported.dir / source, tmp_path / f"twice{Path(source).suffix}", name, crafted(marker))
+    with pytest.raises(ArtifactError) as info:
+        load_backend(path, check_hash=False)
+    what = "TorchScript" if source.endswith(".ts") else "torch.export (.pt2)"
+    assert str(info.value) == f"{path}: refusing to load this {what} file: {fragment}"
+    assert not marker.exists()
+
+
+def test_code_in_other_letter_case_is_checked_as_code(exported: Export, tmp_path: Path) -> None:
+    """torch.jit.load finds `code/...py` under `CODE/...PY` too: those entries are checked like any code."""
+    def rename(name: str) -> str:
+        return name.replace("model/code/", "model/CODE/").removesuffix(".py") + ".PY" if name.endswith(".py") else \
+            name.replace("model/code/", "model/CODE/")
+
+    path = tmp_path / "cased.ts"
+    with zipfile.ZipFile(exported.dir / "model.ts") as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "model/code/__torch__/toolkit/training/models.py":
+                data += b"\n  def __setstate__(self, state: Tuple[int]) -> None:\n    pass\n"
+            zout.writestr(rename(info.filename), data)
+        zout.writestr("model/code/unused.py", b"")  # something under code/ in lower case, as the old check wanted
+    with pytest.raises(ArtifactError) as info:
+        load_backend(path, check_hash=False)
+    assert str(info.value).startswith(f"{path}: refusing to load this TorchScript file: CODE/__torch__/toolkit/"
+                                      "training/models.PY defines __setstate__")
+
+
 def test_an_untouched_rewrite_still_loads(exported: Export, tmp_path: Path) -> None:
     """The crafted cases above differ from a loadable file only by their payload."""
     for name in ("model.ts", "model.pt2"):
-        backend = load_backend(rewrite_zip(exported.dir / name, tmp_path / name))
+        backend = load_backend(rewrite_zip(exported.dir / name, tmp_path / name), check_hash=False)
         assert backend.predict_logits(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 10)
 
 

@@ -162,7 +162,7 @@ def test_a_damaged_model_file_loads_or_is_an_artifact_error(exported: Export, wo
     path = workdir / f"damaged{Path(name).suffix}"
     path.write_bytes(data.draw(damaged((exported.dir / name).read_bytes())))
     try:
-        backend = load_backend(path)
+        backend = load_backend(path, check_hash=False)  # no manifest: the file's own checks are under test
     except ArtifactError as exc:
         assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc), str(exc)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 
 from toolkit.core.errors import CheckpointError
+from toolkit.core.files import sha256_file
 from toolkit.training.checkpoint import (STATE_FILE, TrainState, find_latest, list_checkpoints, load_checkpoint,
                                          save_checkpoint, verify_checkpoint)
 from toolkit.training.models import build_model
@@ -103,3 +106,75 @@ def test_a_checkpoint_from_another_model_is_refused(accelerator, tmp_path: Path)
     small_sched = torch.optim.lr_scheduler.LambdaLR(small_opt.optimizer, LRSchedule("none", 1, 0.0))
     with pytest.raises(CheckpointError, match="does not fit this model/optimizer"):
         load_checkpoint(accelerator, path, small, small_opt, small_sched)
+
+
+def _drop_from_state(path: Path, name: str) -> None:
+    record = json.loads((path / STATE_FILE).read_text())
+    del record["files"][name]
+    (path / STATE_FILE).write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_0.pt"])
+def test_a_file_that_state_json_does_not_list_is_not_loaded(accelerator, tmp_path: Path, name: str) -> None:
+    """state.json vouches for the files by their sha256: one it does not list is refused, though the folder holds it."""
+    model, optimizer, scheduler = _parts(accelerator, seed=0)
+    path = save_checkpoint(accelerator, tmp_path, TrainState(global_step=1), model, optimizer, scheduler, keep=1)
+    _drop_from_state(path, name)
+    assert (path / name).is_file() and name not in verify_checkpoint(path)["files"]
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(accelerator, path, *_parts(accelerator, seed=1))
+    assert str(info.value) == (f"checkpoint {path}: {name} is not listed in {STATE_FILE}, so nothing vouches for it; "
+                               "refusing to load it")
+
+
+def test_a_scaler_file_loads_only_if_state_json_lists_it(accelerator, tmp_path: Path) -> None:
+    """An fp16 run resumes with the loss scale of its checkpoint's scaler.pt; a scaler.pt that state.json does not
+    list (here: put into a checkpoint written without one) is refused, not loaded."""
+    model, optimizer, scheduler = _parts(accelerator, seed=0)
+    path = save_checkpoint(accelerator, tmp_path, TrainState(global_step=1), model, optimizer, scheduler, keep=1)
+    torch.save(torch.amp.GradScaler("cpu", init_scale=4.0).state_dict(), path / "scaler.pt")
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(accelerator, path, *_parts(accelerator, seed=1))
+    assert str(info.value) == (f"checkpoint {path}: scaler.pt is not listed in {STATE_FILE}, so nothing vouches for "
+                               "it; refusing to load it")
+    assert accelerator.scaler.get_scale() == 2.0 ** 16
+    record = json.loads((path / STATE_FILE).read_text())
+    record["files"]["scaler.pt"] = sha256_file(path / "scaler.pt")
+    (path / STATE_FILE).write_text(json.dumps(record))
+    load_checkpoint(accelerator, path, *_parts(accelerator, seed=1))
+    assert accelerator.scaler.get_scale() == 4.0
+
+
+def test_a_file_changed_after_its_hash_was_checked_is_not_loaded(accelerator, tmp_path: Path, monkeypatch) -> None:
+    """model.safetensors is replaced by other valid weights right after its sha256 was computed: the load refuses
+    them instead of loading what was never checked."""
+    model, optimizer, scheduler = _parts(accelerator, seed=0)
+    path = save_checkpoint(accelerator, tmp_path, TrainState(global_step=1), model, optimizer, scheduler, keep=1)
+    save_file(build_model("tutorial", 10).state_dict(), tmp_path / "other.safetensors")
+    other = (tmp_path / "other.safetensors").read_bytes()
+    real = hashlib.sha256
+    swaps: list[str] = []
+
+    class SwapAfterHashing:
+        def __init__(self, *data: bytes) -> None:
+            self._hash = real(*data)
+
+        def update(self, data: bytes) -> None:
+            self._hash.update(data)
+
+        def hexdigest(self) -> str:
+            if not swaps:  # the first file hashed: state.json lists model.safetensors first
+                (path / "model.safetensors").write_bytes(other)
+                swaps.append("model.safetensors")
+            return self._hash.hexdigest()
+
+    target, target_opt, target_sched = _parts(accelerator, seed=1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with monkeypatch.context() as patch:
+        patch.setattr(hashlib, "sha256", SwapAfterHashing)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(accelerator, path, target, target_opt, target_sched)
+    assert swaps == ["model.safetensors"]
+    assert str(info.value) == f"checkpoint {path}: model.safetensors is corrupt (sha256 mismatch)"
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())

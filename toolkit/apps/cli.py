@@ -153,7 +153,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", dest="top_k", type=int, default=1, help="classes shown per image (default 1)")
     _threads_flag(p)
     p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
-                   help="use the file even if its sha256 differs from the manifest.json beside it")
+                   help="use the file even if its sha256 differs from the manifest.json beside it, or if it is "
+                        "a .ts/.pt2 program that no manifest.json lists")
     p.add_argument("--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"refuse more than this many images per call (default {DEFAULT_MAX_BATCH})")
     _provider_flag(p)

@@ -10,10 +10,11 @@ bilinear resize to 32×32) and normalized with the mean/std embedded in the arti
 artifact is the single source of truth for its own preprocessing and labels. With an .onnx model only
 onnxruntime, numpy and PIL are imported; torch only for torch formats (.ts, .pt2, .safetensors).
 
-The artifact's sha256 is checked against the manifest.json beside it before it is loaded (.ts and
-.pt2 files are programs: see `toolkit.artifacts.backends`). Image files are untrusted input: any file that
-does not decode is a `DataError` naming it. At most `max_batch` images per call (`--max-batch`),
-decoded and run `CHUNK` at a time, so memory stays bounded.
+The artifact's sha256 is checked against the manifest.json beside it before it is loaded, and a .ts or
+.pt2 file (a program: see `toolkit.artifacts.backends`) that no manifest lists is refused, unless
+`--no-hash-check` is given. Image files are untrusted input: any file that does not decode is a
+`DataError` naming it. At most `max_batch` images per call (`--max-batch`), decoded and run `CHUNK` at
+a time, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ import numpy as np
 from PIL import Image
 
 from toolkit.artifacts.backends import CHUNK, DEFAULT_MAX_BATCH, DEFAULT_PROVIDER, Backend, load_backend
-from toolkit.artifacts.manifest import hash_mismatch
-from toolkit.core.errors import ArtifactError, ConfigError, DataError, InputError, first_line
+from toolkit.core.errors import ConfigError, DataError, InputError, first_line
 from toolkit.core.images import CHANNELS, HEIGHT, WIDTH, decode_image, image_pixels
 
 # What `Classifier.predict` labels: one image or a sequence of them. An image is a file path, a PIL image,
@@ -148,12 +148,12 @@ def load(artifact: str | Path, threads: int | None = None, provider: str = DEFAU
          check_hash: bool = True, max_batch: int | None = DEFAULT_MAX_BATCH) -> Classifier:
     """A model file (any registered format) or a run/export folder (its eager weights), ready to `predict`.
 
-    With `check_hash`, an artifact listed in a manifest.json beside it must still have its recorded sha256
-    (checked before the file is loaded). `provider`: where ONNX Runtime runs (auto, cpu, cuda, tensorrt).
+    With `check_hash` (`--no-hash-check` turns it off), an artifact listed in a manifest.json beside it must
+    still have its recorded sha256, and a .ts or .pt2 file (a program) must be listed there; the bytes checked
+    are the bytes loaded (`load_backend`). `provider`: where ONNX Runtime runs (auto, cpu, cuda, tensorrt).
     """
-    if check_hash and (problem := hash_mismatch(Path(artifact))):
-        raise ArtifactError(f"{problem} (pass --no-hash-check to use it anyway)")
-    return Classifier(load_backend(artifact, threads=threads, provider=provider, max_batch=max_batch))
+    return Classifier(load_backend(artifact, threads=threads, provider=provider, max_batch=max_batch,
+                                   check_hash=check_hash))
 
 
 def predict_images(artifact: Path, images: Sequence[Path], top_k: int = 1, threads: int | None = None,

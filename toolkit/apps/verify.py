@@ -282,8 +282,9 @@ def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None
         if problem and fmt.program:
             results.append(_not_loaded(entry.format, name, classes, problem))
             continue
+        # A program's hash is checked again on the very bytes loaded; a changed data file is run all the same.
         backend = load_backend(export_dir / name, threads=threads,
-                               provider=provider if fmt.runtime == "onnxruntime" else "cpu")
+                               provider=provider if fmt.runtime == "onnxruntime" else "cpu", check_hash=fmt.program)
         logits = run_backend(backend, held.images)
         reference = logits.astype(np.float64) if reference is None else reference
         accuracy = fmt.tolerance if fmt.by_accuracy else None

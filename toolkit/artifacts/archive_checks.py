@@ -11,6 +11,7 @@ trusted only on the torch versions the project declares and tests (`check_torch_
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import io
@@ -66,20 +67,35 @@ def _archive_errors(path: Path, what: str) -> Iterator[None]:
         raise ArtifactError(f"{path}: not a loadable {what} file ({first_line(exc)})") from None
 
 
-def _zip_entries(path: Path, what: str) -> tuple[zipfile.ZipFile, str, list[str]]:
-    """Open a .ts/.pt2 archive: (zip, its root folder, entry names below the root)."""
+def _zip_entries(path: Path, what: str, data: bytes) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
+    """Open a .ts/.pt2 archive, `data` read from `path`: (zip, each entry by its name below the root folder).
+
+    Entries are read through their `ZipInfo`, never looked up by name, and an archive with two entries
+    of one name is refused: zip readers differ on which of them the name means (Python's zipfile takes
+    the last; torch's reader finds one by binary search and compares names ignoring case, so
+    `code/x.py` and `CODE/x.py` are one name to it too).
+    """
     # A quick check gives "not a ... file" rather than a miniz error.
-    if not zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(io.BytesIO(data)):
         raise ArtifactError(f"{path}: not a {what} file (not a zip archive; truncated or a different format?)")
     with _archive_errors(path, what):
-        archive = zipfile.ZipFile(path)
-        names = archive.namelist()
-    roots = {name.split("/", 1)[0] for name in names}
-    if len(roots) != 1 or any("/" not in name for name in names):
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+    seen: dict[str, str] = {}  # lower-cased name -> the first entry's name
+    for info in infos:
+        if (first := seen.get(info.filename.lower())) is not None:
+            archive.close()
+            raise _refuse(path, what, f"it holds two entries named {first!r} (zip readers differ on which one "
+                                      "that name means)" if first == info.filename else
+                                      f"its entries {first!r} and {info.filename!r} are one name to torch's reader, "
+                                      "which ignores case")
+        seen[info.filename.lower()] = info.filename
+    roots = {info.filename.split("/", 1)[0] for info in infos}
+    if len(roots) != 1 or any("/" not in info.filename for info in infos):
         archive.close()
         raise ArtifactError(f"{path}: not a {what} file (its entries are not all in one folder: {sorted(roots)[:5]})")
     root = roots.pop()
-    return archive, root, [name[len(root) + 1:] for name in names]
+    return archive, {info.filename[len(root) + 1:]: info for info in infos}
 
 
 def _refuse(path: Path, what: str, reason: str) -> ArtifactError:
@@ -108,8 +124,31 @@ def _check_pickle(path: Path, what: str, entry: str, data: bytes) -> None:
                                       "(it would run Python while loading)")
 
 
-def check_torchscript_archive(path: Path) -> None:
-    """A TorchScript archive as `torch.jit.save` writes it, and no code that runs at load time.
+def _check_code(path: Path, what: str, entry: str, source: bytes) -> None:
+    """Refuse TorchScript code that defines or names `__setstate__`, which torch.jit.load would run.
+
+    The code is parsed as Python, whose syntax the code `torch.jit.save` writes follows, so no spacing,
+    tab or line continuation hides a definition; code Python cannot parse is refused, and so is the name
+    anywhere else (a string or comment as Python reads it), since TorchScript's own lexer is not Python's.
+    A toolkit export never mentions `__setstate__`.
+    """
+    try:
+        tree = ast.parse(source, filename=entry)
+    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes, on Pythons before 3.12
+        raise _refuse(path, what, f"{entry} is not code as torch.jit.save writes it ({first_line(exc)})") from None
+    for node in ast.walk(tree):
+        if "__setstate__" in (getattr(node, "name", None), getattr(node, "id", None), getattr(node, "attr", None)):
+            verb = "defines" if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else "refers to"
+            raise _refuse(path, what, f"{entry} {verb} __setstate__ (line {node.lineno}), code that would run "
+                                      "while loading")
+    if b"__setstate__" in source:
+        raise _refuse(path, what, f"{entry} mentions __setstate__ in a string or comment, which TorchScript's "
+                                  "parser might read as code that would run while loading")
+
+
+def check_torchscript_archive(path: Path, data: bytes) -> None:
+    """`data`, the content of `path`: a TorchScript archive as `torch.jit.save` writes it, and no code that
+    runs at load time.
 
     Its pickles (data.pkl, constants.pkl, the debug pickles beside the code) may only rebuild tensors
     and the archive's own TorchScript classes; and a scripted class's `__setstate__`, which would run
@@ -117,20 +156,22 @@ def check_torchscript_archive(path: Path) -> None:
     """
     what = "TorchScript"
     check_torch_version(path, what)
-    archive, root, entries = _zip_entries(path, what)
+    archive, entries = _zip_entries(path, what, data)
     with archive, _archive_errors(path, what):
+        # torch.jit.load finds entries by name ignoring case, so `CODE/x.PY` is code to it too.
+        lowered = {entry.lower() for entry in entries}
         required = ["data.pkl", "constants.pkl", "version"]
-        missing = [e for e in required if e not in entries]
-        if missing or not any(e.startswith("code/") for e in entries):
-            hint = " (it looks like a torch.export .pt2 archive)" if "archive_format" in entries else \
+        missing = [e for e in required if e not in lowered]
+        if missing or not any(e.startswith("code/") for e in lowered):
+            hint = " (it looks like a torch.export .pt2 archive)" if "archive_format" in lowered else \
                    " (a torch.save checkpoint or another zip?)"
             raise ArtifactError(f"{path}: not a TorchScript file: no {', '.join(missing) or 'code/'} inside{hint}")
-        for entry in entries:
-            if entry.endswith((".pkl", ".debug_pkl")):
-                _check_pickle(path, what, entry, archive.read(f"{root}/{entry}"))
-            if entry.startswith("code/") and entry.endswith(".py"):
-                if re.search(rb"\bdef __setstate__\b", archive.read(f"{root}/{entry}")):
-                    raise _refuse(path, what, f"{entry} defines __setstate__, code that would run while loading")
+        for entry, info in entries.items():
+            name = entry.lower()
+            if name.endswith((".pkl", ".debug_pkl")):
+                _check_pickle(path, what, entry, archive.read(info))
+            if name.startswith("code/") and name.endswith(".py"):
+                _check_code(path, what, entry, archive.read(info))
 
 
 # What `torch.export.save` writes for one plain ExportedProgram, relative to the archive's root folder.
@@ -188,8 +229,9 @@ def _walk_json(value, key: str = ""):
             yield from _walk_json(v, key)
 
 
-def check_pt2_archive(path: Path) -> None:
-    """Refuse a .pt2 archive that would make `torch.export.load` or `.module()` run code of the file's choosing.
+def check_pt2_archive(path: Path, data: bytes) -> None:
+    """Refuse `data`, the content of the .pt2 file `path`, if it would make `torch.export.load` or `.module()`
+    run code of the file's choosing.
 
     torch.export.load (torch 2.x) unpickles `use_pickle` weights and constants with
     `torch.load(weights_only=False)`, custom and opaque objects with `pickle.loads`, and its sample
@@ -201,10 +243,10 @@ def check_pt2_archive(path: Path) -> None:
     """
     what = "torch.export (.pt2)"
     check_torch_version(path, what)
-    archive, root, entries = _zip_entries(path, what)
+    archive, entries = _zip_entries(path, what, data)
     with archive, _archive_errors(path, what):
         def read(entry: str) -> bytes:
-            return archive.read(f"{root}/{entry}")
+            return archive.read(entries[entry])
 
         if "archive_format" not in entries or read("archive_format").strip() != b"pt2":
             hint = " (it looks like a TorchScript file)" if "code/" in {e[:5] for e in entries} else \

@@ -37,14 +37,16 @@ Which files are safe to load
   at load time (`__setstate__`); `torch.export.load` unpickles parts of the archive without
   restrictions, evaluates symbolic-shape strings with `sympy.sympify` (Python `eval`), executes
   the archive's guard code and loads AOTInductor native libraries. Load them only from sources you
-  trust, or after checking their sha256 against a `manifest.json` you trust. `toolkit predict` and
-  `toolkit verify` check the hash against the manifest beside the file before loading it, and
-  before calling torch's loaders this module refuses archives that are not what their suffix says
-  or that hold pickled objects, compiled code, guard code or anything a toolkit export does not
-  contain. That check narrows the attack surface; it is not a sandbox.
-- Checkpoints: `model.safetensors` is data; the optimizer, scheduler and RNG `.pt` files are read
-  with `torch.load(weights_only=True)` (no arbitrary unpickling), after their sha256 is checked
-  against `state.json`.
+  trust, or after checking their sha256 against a `manifest.json` you trust. `load_backend` reads
+  the file once and, unless `check_hash=False` (`toolkit predict --no-hash-check`), refuses a program
+  that no manifest beside it lists, or any file whose sha256 differs from its entry; then, on the same
+  bytes, the archive checks (`archive_checks`) refuse archives that are not what their suffix says or
+  that hold pickled objects, compiled code, guard code, `__setstate__`, two entries of one name or
+  anything else a toolkit export does not contain. Those checks narrow the attack surface; they are
+  not a sandbox.
+- Checkpoints: `model.safetensors` is data; the optimizer, scheduler, GradScaler and RNG `.pt` files
+  are read with `torch.load(weights_only=True)` (no arbitrary unpickling), and only files that
+  `state.json` lists, each loaded from the bytes whose sha256 was checked against it.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from toolkit.artifacts import formats
+from toolkit.artifacts import formats, manifest
 from toolkit.artifacts.formats import Format
 from toolkit.artifacts.metadata import INPUT_SPEC, ArtifactMetadata
 from toolkit.core.errors import ArtifactError, ConfigError, InputError
@@ -72,7 +74,8 @@ CHUNK = 1024  # images per runtime call inside `predict_logits`, so memory stays
 # Non-finite logits for an input no larger than this (far beyond normalized pixels, ±3, and even raw
 # 0..255 pixels) mean a broken model, not an overflowing input.
 _PLAUSIBLE_INPUT = 1e4
-# The module that loads each runtime's files (`Format.runtime`); each has `load(path, fmt, threads, provider)`.
+# The module that loads each runtime's files (`Format.runtime`); each has `load(path, fmt, data, threads, provider)`,
+# `data` being the file's bytes as `load_backend` read and checked them.
 RUNTIMES = {"torch": "toolkit.artifacts.torch_runtime", "onnxruntime": "toolkit.artifacts.onnx_runtime"}
 # `--provider` choices: where ONNX Runtime runs (`auto`: the best one this machine and build have).
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
@@ -245,7 +248,7 @@ class Backend(ABC):
 
 
 def load_backend(path: str | Path, threads: int | None = None, provider: str = DEFAULT_PROVIDER,
-                 max_batch: int | None = DEFAULT_MAX_BATCH) -> Backend:
+                 max_batch: int | None = DEFAULT_MAX_BATCH, check_hash: bool = True) -> Backend:
     """Load a model artifact by path: any registered format's file, or a run or export folder (eager weights).
 
     `threads` sets the threads the runtime may use (for torch formats: torch's process-wide setting).
@@ -253,9 +256,12 @@ def load_backend(path: str | Path, threads: int | None = None, provider: str = D
     machine have it, else the CPU. Torch formats run on the CPU, and accept only `auto` and `cpu`.
     `max_batch` bounds the images per `predict_logits` call (None: no bound).
 
-    .ts and .pt2 files are programs: see "Which files are safe to load" above. Their archive is
-    checked before torch's loader sees it; checking its sha256 against a manifest is the caller's job
-    (`toolkit.artifacts.manifest.hash_mismatch`), as `toolkit predict` and `toolkit verify` do.
+    The file is read once; with `check_hash` (`toolkit predict --no-hash-check` turns it off) those
+    bytes must match the sha256 of the manifest.json beside the file if it lists the file, and a .ts or
+    .pt2 file, a program, must be listed (`manifest.check_bytes`). The archive checks and the runtime
+    then see the same bytes, so the file cannot be swapped between the check and the load (except
+    .safetensors weights, data, which the training code's reader reads again by path). .ts and .pt2
+    files are programs: see "Which files are safe to load" above.
     """
     path = Path(path)
     if path.is_dir():  # a run folder or an export folder: both keep the eager weights
@@ -277,6 +283,12 @@ def load_backend(path: str | Path, threads: int | None = None, provider: str = D
             raise
         raise ConfigError(f"{path}: {fmt.name} files run on {fmt.runtime}, which is not installed: "
                           f"{_INSTALL[fmt.runtime]}") from None
-    backend = runtime.load(path, fmt, threads, provider)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if check_hash:
+        manifest.check_bytes(path, data, fmt)
+    backend = runtime.load(path, fmt, data, threads, provider)
     backend.max_batch = max_batch
     return backend

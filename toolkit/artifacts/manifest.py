@@ -10,6 +10,7 @@ elsewhere. Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from toolkit.artifacts import formats
 from toolkit.core.errors import ArtifactError, first_line
-from toolkit.core.files import is_plain_name, sha256_file, write_json_atomic
+from toolkit.core.files import is_plain_name, write_json_atomic
 
 MANIFEST = "manifest.json"
 
@@ -139,26 +140,58 @@ def _check_entry(manifest_path: Path, name: str, entry: Any) -> None:
         raise ArtifactError(f"{where}: sha256 {str(sha)[:80]!r} is not 64 hex digits")
 
 
-def hash_mismatch(artifact: Path) -> str | None:
-    """Why `artifact` differs from what the manifest beside it recorded, or None if it matches.
-
-    An artifact without a manifest beside it (or one the manifest does not list) is not checked.
-    Call it before loading a .ts or .pt2 file: those are programs (see `toolkit.artifacts.backends`).
-    """
+def listed(artifact: Path) -> FileEntry | None:
+    """The entry for `artifact` in the manifest.json beside it; None without a manifest or without an entry."""
     artifact = Path(artifact)
     if not (artifact.parent / MANIFEST).is_file():
         return None
-    entry = Manifest.read(artifact.parent).files.get(artifact.name)
+    return Manifest.read(artifact.parent).files.get(artifact.name)
+
+
+def hash_mismatch(artifact: Path, data: bytes | None = None) -> str | None:
+    """Why `artifact` differs from what the manifest beside it recorded, or None if it matches.
+
+    `data` is the file's content as the caller read it, so that the bytes checked are the bytes it goes
+    on to load; without it the file is read here. An artifact without a manifest beside it (or one the
+    manifest does not list) is not checked: `check_bytes` is what refuses such a program.
+    """
+    artifact = Path(artifact)
+    entry = listed(artifact)
     if entry is None:
         return None
-    if not artifact.is_file():
-        raise ArtifactError(f"{artifact}: no such file")
+    if data is None:
+        if not artifact.is_file():
+            raise ArtifactError(f"{artifact}: no such file")
+        try:
+            data = artifact.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"{artifact}: cannot read ({exc.strerror or exc})") from None
+    return _mismatch(artifact, entry, data)
+
+
+def check_bytes(artifact: Path, data: bytes, fmt: formats.Format) -> None:
+    """Refuse `data`, the content just read from `artifact`, unless the manifest.json beside it vouches for it.
+
+    A file the manifest lists must have its recorded sha256. A program (`Format.program`: .ts, .pt2)
+    must be listed, since it runs code while loading and nothing else says where it came from; a data
+    file (.onnx, .safetensors) without an entry is accepted. Each refusal is one `ArtifactError` that
+    says `--no-hash-check` (`check_hash=False`) loads the file anyway.
+    """
+    override = "pass --no-hash-check (check_hash=False) to load it anyway"
+    entry = listed(artifact)
+    if entry is None:
+        if fmt.program:
+            raise ArtifactError(f"{artifact}: no {MANIFEST} entry to check it against, and a {fmt.name} file is a "
+                                f"program that runs code while loading; {override}")
+        return
+    if problem := _mismatch(artifact, entry, data):
+        raise ArtifactError(f"{problem}; {override}")
+
+
+def _mismatch(artifact: Path, entry: FileEntry, data: bytes) -> str | None:
     if not entry.sha256:
         return f"{artifact}: {MANIFEST} lists it without a sha256"
-    try:
-        actual = sha256_file(artifact)
-    except OSError as exc:
-        raise ArtifactError(f"{artifact}: cannot read ({exc.strerror or exc})") from None
+    actual = hashlib.sha256(data).hexdigest()
     if actual != entry.sha256:
         return (f"{artifact}: sha256 {actual[:12]}… differs from {MANIFEST} ({entry.sha256[:12]}…): "
                 "the file changed after export")

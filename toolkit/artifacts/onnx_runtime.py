@@ -1,14 +1,17 @@
 """The ONNX Runtime behind `Backend`: .onnx files (fp32, fp16, int8) on the CPU, CUDA or TensorRT.
 
 Torch-free and onnx-free: serving a model imports only onnxruntime and numpy (`toolkit predict`
-starts in a fraction of torch's import time). The file's bytes are read once, checked
-(`onnx_checks.check_self_contained`) and handed to ONNX Runtime, so the bytes checked are the bytes run.
+starts in a fraction of torch's import time). The file's bytes are read once (by `load_backend`, which
+checks their sha256), checked (`onnx_checks.check_self_contained`) and handed to ONNX Runtime, so the
+bytes checked are the bytes run.
 
 Providers (`--provider`): `cpu`, `cuda`, `tensorrt`, or `auto` (CUDA when this onnxruntime build has
 it, else the CPU; TensorRT only on request, since it builds an engine per input shape on first use).
 A GPU provider keeps the CPU provider behind it for any node it lacks; CUDA runs fp32 in fp32 (TF32
 off). A provider the build lacks, or one that fails to start (missing CUDA libraries), is a one-line
-`ConfigError` naming the installed build and the fix, never a silent fall-back.
+`ConfigError` naming the installed build and the fix, never a silent fall-back; so is an error of the
+library itself. A file that is not a model ONNX Runtime can run is an `ArtifactError` instead
+(`_session_error` tells the two apart).
 
 CPU tuning (measured with `python -m benchmarks.ort_settings`; README "ONNX Runtime on the CPU"):
 - graph optimization level ORT_ENABLE_ALL (the default, stated explicitly): constant folding, Conv+ReLU
@@ -38,7 +41,7 @@ from toolkit.artifacts.backends import Backend, validate_batch
 from toolkit.artifacts.formats import Format
 from toolkit.artifacts.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 from toolkit.artifacts.onnx_checks import check_self_contained
-from toolkit.core.errors import ArtifactError, ConfigError, first_line
+from toolkit.core.errors import ArtifactError, ConfigError, ToolkitError, first_line
 from toolkit.core.images import CHANNELS, HEIGHT, WIDTH
 
 # --provider choice -> ONNX Runtime's name, and the providers tried in order (fall-backs for nodes a GPU lacks).
@@ -49,6 +52,11 @@ _CHAINS = {"cpu": ("cpu",), "cuda": ("cuda", "cpu"), "tensorrt": ("tensorrt", "c
 # convolutions and matrix products on Ampere and later, and verify's fp32 logit tolerance (1e-4) is finer.
 _OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0"}}
 _DEVICES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}  # where IO binding keeps tensors
+# What ONNX Runtime raises (pybind11 classes named after its status codes) for bytes that are not a model it can
+# run: not a protobuf, no graph, an invalid graph, opset or IR version, an operator it lacks, a type or shape error,
+# a kernel whose attributes it refuses. Anything else (EPFail, RuntimeException, EngineError, a plain
+# RuntimeError from a provider's library, MemoryError) is the runtime's own failure.
+_NOT_A_MODEL = frozenset({"InvalidProtobuf", "InvalidArgument", "InvalidGraph", "NoModel", "NotImplemented", "Fail"})
 _BUILDS = ("onnxruntime", "onnxruntime-gpu")  # pip distributions that both install the `onnxruntime` module
 # Images per ONNX Runtime call on the CPU: the activations of a slice of 64 stay in the caches (conv1's
 # output alone is 1.2 MB for 64 images, more in the blocked NCHWc layout, and 19 MB for 1024).
@@ -164,11 +172,33 @@ def _start_gpu_libraries() -> None:
         ort.preload_dlls()
 
 
-def load(path: Path, fmt: Format, threads: int | None, provider: str) -> Backend:
-    try:
-        model = path.read_bytes()
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from None
+def _session_error(path: Path, model: bytes, exc: Exception, choice: str, flag: str) -> ToolkitError:
+    """The one-line error for a session that did not start, `exc` being what ONNX Runtime raised.
+
+    Either the file is not a model ONNX Runtime can run (`ArtifactError`), or a provider or the library
+    itself failed (`ConfigError`, naming the provider and quoting the library). A GPU provider's failure
+    can look like a model's (a kernel that fails to start is a `Fail` either way), so after one the
+    model is tried on the CPU alone: if it starts there, the GPU provider is what failed.
+    """
+    if choice != "cpu":
+        try:
+            ort.InferenceSession(model, _session_options(None), providers=[EXECUTION_PROVIDERS["cpu"]])
+        except Exception as cpu_exc:  # noqa: BLE001 - as above
+            exc = cpu_exc  # it does not start on the CPU either: judged by the CPU's error below
+        else:
+            return ConfigError(f"--provider {flag}: ONNX Runtime could not start {EXECUTION_PROVIDERS[choice]} for "
+                               f"{path} ({first_line(exc)}); the model itself starts on the CPU (--provider cpu); "
+                               f"are the CUDA and cuDNN libraries that {_build().removeprefix('this ')} needs "
+                               "installed? see README: GPU")
+    if type(exc).__name__ in _NOT_A_MODEL or isinstance(exc, UnicodeError):  # a name in the file is not UTF-8
+        return ArtifactError(f"{path}: not a loadable ONNX model ({first_line(exc)})")
+    return ConfigError(f"{path}: ONNX Runtime failed to start {EXECUTION_PROVIDERS['cpu']} ({first_line(exc)}): "
+                       f"an error of {_build()}, not one it gives for invalid models")
+
+
+def load(path: Path, fmt: Format, model: bytes, threads: int | None, provider: str) -> Backend:
+    """An .onnx file as a `Backend`: `model`, its bytes as `load_backend` read and hash-checked them, checked
+    to be self-contained and handed to ONNX Runtime."""
     check_self_contained(path, model)
     choice = resolve_provider(provider, ort.get_available_providers())
     if choice != "cpu" and hasattr(ort, "preload_dlls"):
@@ -176,10 +206,13 @@ def load(path: Path, fmt: Format, threads: int | None, provider: str) -> Backend
     chain = [EXECUTION_PROVIDERS[p] for p in _CHAINS[choice]]
     with_options = [(EXECUTION_PROVIDERS[p], _OPTIONS.get(p, {})) for p in _CHAINS[choice]]
     try:
-        session = ort.InferenceSession(model, _session_options(threads if choice == "cpu" else None),
-                                       providers=with_options)
-    except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidProtobuf, ...) share no base class
-        raise ArtifactError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
+        # ONNX Runtime print()s its notes when a session fails with a ValueError or RuntimeError and it retries
+        # on the CPU: they belong on stderr, not in `toolkit predict --json` output.
+        with contextlib.redirect_stdout(sys.stderr):
+            session = ort.InferenceSession(model, _session_options(threads if choice == "cpu" else None),
+                                           providers=with_options)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors (Fail, EPFail, ...) share no base class
+        raise _session_error(path, model, exc, choice, provider) from None
     if session.get_providers()[0] != chain[0]:  # ORT falls back silently when a provider cannot start
         raise ConfigError(f"--provider {provider}: ONNX Runtime could not start {chain[0]} on this machine and fell "
                           f"back to {', '.join(session.get_providers())} (are the CUDA and cuDNN libraries that "

@@ -1,12 +1,13 @@
 """The torch runtime behind `Backend`: eager weights (.safetensors), TorchScript (.ts), torch.export (.pt2).
 
-All three run on the CPU in inference mode. .ts and .pt2 archives pass `archive_checks` before
-torch's loaders see them.
+All three run on the CPU in inference mode. .ts and .pt2 archives are checked (`archive_checks`) and
+loaded from the same bytes, read once by `load_backend`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import warnings
 from collections.abc import Iterator
@@ -38,16 +39,22 @@ class TorchBackend(Backend):
             return self.module(x).float().numpy()
 
 
-def load(path: Path, fmt: Format, threads: int | None, provider: str) -> Backend:
+def load(path: Path, fmt: Format, data: bytes, threads: int | None, provider: str) -> Backend:
     """A torch-format file as a `Backend`; `threads` is torch's process-wide intra-op setting. Torch formats
-    run on the CPU here (`provider` auto or cpu)."""
+    run on the CPU here (`provider` auto or cpu).
+
+    .ts and .pt2 programs are checked and loaded from `data`, the bytes `load_backend` read and
+    hash-checked. Eager weights are data, not code: `load_model` reads them again by path.
+    """
     if provider not in ("auto", "cpu"):
         raise ConfigError(f"--provider {provider}: {path} is a {fmt.name} file, which runs on the CPU with torch; "
                           "--provider chooses where ONNX Runtime runs .onnx files")
     if threads is not None:
         torch.set_num_threads(threads)
-    loader = {"eager": _load_eager, "torchscript": _load_torchscript, "pt2": _load_exported_program}[fmt.name]
-    metadata, module = loader(path)
+    if fmt.name == "eager":
+        metadata, module = _load_eager(path)
+    else:
+        metadata, module = {"torchscript": _load_torchscript, "pt2": _load_exported_program}[fmt.name](path, data)
     return TorchBackend(path, fmt, metadata, module)
 
 
@@ -75,23 +82,23 @@ def _quiet_torch_loading() -> Iterator[None]:
         logger.disabled = previous
 
 
-def _load_torchscript(path: Path) -> tuple[ArtifactMetadata, nn.Module]:
-    check_torchscript_archive(path)
+def _load_torchscript(path: Path, data: bytes) -> tuple[ArtifactMetadata, nn.Module]:
+    check_torchscript_archive(path, data)
     extra = {METADATA_FILE: ""}
     try:
         with _quiet_torch_loading():
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - torch's errors for a bad archive share no base class
         raise ArtifactError(f"{path}: not a loadable TorchScript file ({first_line(exc)})") from None
     return ArtifactMetadata.from_json(extra[METADATA_FILE], path), module.eval()
 
 
-def _load_exported_program(path: Path) -> tuple[ArtifactMetadata, nn.Module]:
-    check_pt2_archive(path)
+def _load_exported_program(path: Path, data: bytes) -> tuple[ArtifactMetadata, nn.Module]:
+    check_pt2_archive(path, data)
     extra = {METADATA_FILE: ""}
     try:
         with _quiet_torch_loading():
-            program = torch.export.load(path, extra_files=extra)
+            program = torch.export.load(io.BytesIO(data), extra_files=extra)
             _check_program_input(program, path)
             module = program.module()
     except ArtifactError:

@@ -10,8 +10,9 @@ Layout of `checkpoints/step_<global step>/`:
 
 A checkpoint is written into a hidden temporary folder, fsynced, then renamed into place, so a
 kill mid-write leaves only a `.tmp` folder that loading ignores. `state.json` is the completion
-marker; its hashes are checked before anything is loaded. Rotation deletes old checkpoints only
-after the new one is complete, and never the newest complete one.
+marker; its hashes are checked before anything is loaded, each file is loaded from the very bytes
+whose hash was checked, and a file it does not list is never loaded. Rotation deletes old checkpoints
+only after the new one is complete, and never the newest complete one.
 
 Accelerate's own `save_state` is not used: it writes in place, and with a total limit deletes old
 checkpoints before the new one is complete.
@@ -19,6 +20,8 @@ checkpoints before the new one is complete.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -33,7 +36,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from toolkit.core.errors import CheckpointError, first_line
 from toolkit.core.files import fsync_path, sha256_file
@@ -109,7 +113,7 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Return the checkpoint's state record after checking every file against its sha256."""
+    """Return the checkpoint's state record after checking every file it lists against its sha256."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: no such folder")
     marker = path / STATE_FILE
@@ -120,15 +124,32 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         files = record["files"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path}: unreadable {STATE_FILE} ({exc})") from None
-    for name, digest in files.items():
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {path}: unreadable {STATE_FILE} (its files are not a name -> sha256 map)")
+    for name in files:
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise CheckpointError(f"checkpoint {path}: {STATE_FILE} lists {name!r}, not a file of this folder")
-        f = path / name
-        if not f.is_file():
+        if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: missing {name}")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 mismatch)")
+        _verified_bytes(path, record, name)
     return record
+
+
+def _verified_bytes(path: Path, record: dict[str, Any], name: str) -> bytes:
+    """The content of the checkpoint's file `name`, read once and checked against the sha256 that `state.json`
+    (`record`) lists for it. Every file a load reads comes through here, so a file `state.json` does not list
+    is refused, and the bytes checked are the bytes loaded: the file cannot change in between."""
+    digest = record["files"].get(name)
+    if digest is None:
+        raise CheckpointError(f"checkpoint {path}: {name} is not listed in {STATE_FILE}, so nothing vouches for it; "
+                              "refusing to load it")
+    try:
+        data = (path / name).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot read {name} ({exc.strerror or exc})") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 mismatch)")
+    return data
 
 
 def find_latest(checkpoints_dir: Path) -> tuple[Path, list[str]]:
@@ -145,26 +166,37 @@ def find_latest(checkpoints_dir: Path) -> tuple[Path, list[str]]:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore a verified checkpoint into the prepared model, optimizer and scheduler, and the RNGs."""
+    """Restore a verified checkpoint into the prepared model, optimizer and scheduler, and the RNGs.
+
+    Each file is loaded from the bytes whose sha256 was just checked against `state.json`; a file that
+    `state.json` does not list is not loaded (see `_verified_bytes`).
+    """
     record = verify_checkpoint(path)
+
+    def tensors(name: str) -> Any:
+        return torch.load(io.BytesIO(_verified_bytes(path, record, name)), weights_only=True)
+
+    # The GradScaler's state: in fp16 checkpoints; a scaler.pt that state.json omits is refused, not skipped.
+    load_scaler = accelerator.scaler is not None and (SCALER_FILE in record["files"] or (path / SCALER_FILE).exists())
     try:
-        accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        if accelerator.scaler is not None and (path / SCALER_FILE).is_file():
-            accelerator.scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
-    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        weights = load_safetensors(_verified_bytes(path, record, "model.safetensors"))
+        accelerator.unwrap_model(model).load_state_dict(weights)
+        optimizer.load_state_dict(tensors("optimizer.pt"))
+        scheduler.load_state_dict(tensors("scheduler.pt"))
+        if load_scaler:
+            accelerator.scaler.load_state_dict(tensors(SCALER_FILE))
+    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}") from None
-    rng = path / f"rng_{accelerator.process_index}.pt"
-    if record.get("num_processes") != accelerator.num_processes or not rng.is_file():
+    if record.get("num_processes") != accelerator.num_processes:
         raise CheckpointError(
             f"checkpoint {path} was written by {record.get('num_processes')} processes, this run has "
             f"{accelerator.num_processes}: resume with the same process count")
+    rng = f"rng_{accelerator.process_index}.pt"
     try:
-        _set_rng_state(torch.load(rng, weights_only=True))
+        _set_rng_state(tensors(rng))
     except (RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
         # A resume with the wrong RNG state would silently diverge from the uninterrupted run.
-        raise CheckpointError(f"checkpoint {path}: cannot restore the RNG state from {rng.name} "
+        raise CheckpointError(f"checkpoint {path}: cannot restore the RNG state from {rng} "
                               f"({first_line(exc)})") from None
     return TrainState(**{k: record[k] for k in asdict(TrainState())})
 
