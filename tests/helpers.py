@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -217,3 +218,26 @@ def run_commands(text: str) -> list[list[str]]:
     """The shell commands of the Reproduce section, continuation lines joined, as argv lists."""
     block = text.split("## Reproduce", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     return [shlex.split(line) for line in block.replace(" \\\n", " ").splitlines() if not line.startswith("#")]
+
+
+def swap_after_first_hash(monkeypatch: pytest.MonkeyPatch, path: Path, replacement: bytes) -> list[Path]:
+    """Make the next sha256 digest taken overwrite `path` with `replacement`, as if the file were swapped between
+    its hash check and its load; returns the list of swapped paths, filled when that happens."""
+    real = hashlib.sha256
+    swaps: list[Path] = []
+
+    class SwapAfterHashing:
+        def __init__(self, *data: bytes) -> None:
+            self._hash = real(*data)
+
+        def update(self, data: bytes) -> None:
+            self._hash.update(data)
+
+        def hexdigest(self) -> str:
+            if not swaps:
+                path.write_bytes(replacement)
+                swaps.append(path)
+            return self._hash.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", SwapAfterHashing)
+    return swaps

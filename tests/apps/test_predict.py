@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,7 +16,8 @@ import torch
 from onnx import numpy_helper
 from PIL import Image
 
-from tests.helpers import FILES, ROOT, Export, assert_clean_error, assert_ok, cli, edit_onnx, rehash, rewrite_zip
+from tests.helpers import (FILES, ROOT, Export, assert_clean_error, assert_ok, cli, edit_onnx, rehash, rewrite_zip,
+                           swap_after_first_hash)
 from toolkit.artifacts.backends import load_backend
 from toolkit.core.errors import ArtifactError, ConfigError, DataError, InputError
 from toolkit.training.data import make_synthetic, write_imagefolder
@@ -286,25 +286,9 @@ def test_the_bytes_whose_hash_is_checked_are_the_bytes_loaded(exported: Export, 
     folder = Path(shutil.copytree(exported.dir, tmp_path / "export"))
     path = folder / artifact
     other = _zeroed_weights(path, tmp_path / f"other{path.suffix}")
-    real = hashlib.sha256
-    swaps: list[Path] = []
-
-    class SwapAfterHashing:
-        def __init__(self, *data: bytes) -> None:
-            self._hash = real(*data)
-
-        def update(self, data: bytes) -> None:
-            self._hash.update(data)
-
-        def hexdigest(self) -> str:
-            if not swaps:  # the first hash computed is the artifact's
-                path.write_bytes(other)
-                swaps.append(path)
-            return self._hash.hexdigest()
-
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     with monkeypatch.context() as patch:
-        patch.setattr(hashlib, "sha256", SwapAfterHashing)
+        swaps = swap_after_first_hash(patch, path, other)  # the first hash computed is the artifact's
         logits = load(path).backend.predict_logits(x)
     assert swaps == [path] and path.read_bytes() == other
     np.testing.assert_array_equal(logits, load_backend(exported.dir / artifact).predict_logits(x))

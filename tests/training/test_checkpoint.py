@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -14,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
+from tests.helpers import swap_after_first_hash
 from toolkit.core.errors import CheckpointError
 from toolkit.core.files import sha256_file
 from toolkit.training.checkpoint import (STATE_FILE, TrainState, find_latest, list_checkpoints, load_checkpoint,
@@ -153,28 +153,13 @@ def test_a_file_changed_after_its_hash_was_checked_is_not_loaded(accelerator, tm
     path = save_checkpoint(accelerator, tmp_path, TrainState(global_step=1), model, optimizer, scheduler, keep=1)
     save_file(build_model("tutorial", 10).state_dict(), tmp_path / "other.safetensors")
     other = (tmp_path / "other.safetensors").read_bytes()
-    real = hashlib.sha256
-    swaps: list[str] = []
-
-    class SwapAfterHashing:
-        def __init__(self, *data: bytes) -> None:
-            self._hash = real(*data)
-
-        def update(self, data: bytes) -> None:
-            self._hash.update(data)
-
-        def hexdigest(self) -> str:
-            if not swaps:  # the first file hashed: state.json lists model.safetensors first
-                (path / "model.safetensors").write_bytes(other)
-                swaps.append("model.safetensors")
-            return self._hash.hexdigest()
-
     target, target_opt, target_sched = _parts(accelerator, seed=1)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with monkeypatch.context() as patch:
-        patch.setattr(hashlib, "sha256", SwapAfterHashing)
+        # The first file hashed: state.json lists model.safetensors first.
+        swaps = swap_after_first_hash(patch, path / "model.safetensors", other)
         with pytest.raises(CheckpointError) as info:
             load_checkpoint(accelerator, path, target, target_opt, target_sched)
-    assert swaps == ["model.safetensors"]
+    assert swaps == [path / "model.safetensors"]
     assert str(info.value) == f"checkpoint {path}: model.safetensors is corrupt (sha256 mismatch)"
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
