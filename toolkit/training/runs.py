@@ -37,6 +37,7 @@ from torch import nn
 
 from toolkit import __version__
 from toolkit.core.errors import CheckpointError, DivergenceError, Interrupted, ToolkitError, exit_code, first_line
+from toolkit.core.files import write_json_atomic
 from toolkit.training.checkpoint import STATE_FILE, find_latest, list_checkpoints, verify_checkpoint
 from toolkit.training.config import TrainConfig, train_config_from_dict
 from toolkit.training.models import build_model
@@ -109,7 +110,7 @@ class RunRecord:
         return {**self.config.to_dict(), "runtime": self.info.to_json()}
 
     def write(self, run_dir: Path) -> None:
-        (run_dir / CONFIG).write_text(json.dumps(self.to_json(), indent=2))
+        write_json_atomic(run_dir / CONFIG, self.to_json())
 
     @classmethod
     def read(cls, run_dir: Path) -> RunRecord:
