@@ -207,6 +207,8 @@ def test_resume_refuses_data_that_differ_from_the_checkpoints_run(tmp_path: Path
     run = tmp_path / "run"
     start = read_resume_point(_checkpoint(run, 26, 2, 0, _written_by(run)), print)
     check_resume_data(start, DataInfo("synthetic", CLASSES, 400, 0, "test", None))
-    with pytest.raises(CheckpointError, match=r"the data differ from checkpoint .*: 410 training images "
+    with pytest.raises(CheckpointError, match=r"the data differ from checkpoint .*'s run: training images 410 "
                                               r"\(checkpoint: 400\); resume with the checkpoint's data"):
         check_resume_data(start, DataInfo("synthetic", CLASSES, 410, 0, "test", None))
+    with pytest.raises(CheckpointError, match=re.escape(f"classes {CLASSES[::-1]} (checkpoint: {CLASSES})")):
+        check_resume_data(start, DataInfo("synthetic", CLASSES[::-1], 400, 0, "test", None))

@@ -262,7 +262,7 @@ def check_resume_data(point: ResumePoint, data: DataInfo) -> None:
     if point.record is None:
         return
     saved = point.record.info.data
-    differences = [f"{now} {what} (checkpoint: {then})" for what, now, then in [
+    differences = [f"{what} {now} (checkpoint: {then})" for what, now, then in [
         ("training images", data.train, saved.train), ("validation images", data.val, saved.val),
         ("classes", data.classes, saved.classes)] if now != then]
     if differences:
