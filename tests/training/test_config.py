@@ -5,8 +5,8 @@ import pytest
 
 from tests.helpers import assert_clean_error, cli
 from toolkit.apps.cli import build_parser
-from toolkit.training.config import (RECIPES, TrainConfig, build_train_config, leaf_fields, read_config_file,
-                                     train_config_from_dict)
+from toolkit.training.config import (RECIPES, RESUME_LENGTH, RESUME_MAY_CHANGE, TrainConfig, build_train_config,
+                                     leaf_fields, read_config_file, resume_differences, train_config_from_dict)
 from toolkit.core.errors import ConfigError
 
 
@@ -58,6 +58,24 @@ def test_every_config_field_is_a_train_flag():
     assert (args.lr, args.augment, args.data) == (0.5, False, "synthetic")
     assert not hasattr(args, "batch_size")  # not given: left to the recipe
     assert isinstance(TrainConfig(), TrainConfig)
+
+
+def test_resume_checks_every_field_that_changes_what_the_steps_mean():
+    """The fields a resumed run must share with its checkpoint: every field not listed as free to change. A new
+    field is checked until it is listed in RESUME_MAY_CHANGE."""
+    names = [f.name for _, f in leaf_fields()]
+    assert set(RESUME_MAY_CHANGE) | set(RESUME_LENGTH) <= set(names)
+    flat = build_train_config({}).flat()
+    checked = {n for n in names if resume_differences(flat, {**flat, n: "changed"})}
+    assert checked == {"model", "batch_size", "mixed_precision", "seed", "data", "data_dir", "val_fraction",
+                       "augment", "synthetic_train_size", "synthetic_test_size", "lr", "momentum", "nesterov",
+                       "weight_decay", "schedule", "warmup_fraction", "label_smoothing", "grad_accum_steps"}
+    assert checked.isdisjoint(RESUME_MAY_CHANGE + RESUME_LENGTH)
+    # One entry per differing field, in declaration order, as the flags are written; the length is not one.
+    changed = {**flat, "batch_size": 64, "augment": False, "mixed_precision": None, "epochs": 9}
+    assert resume_differences({**flat, "mixed_precision": "bf16"}, changed) == [
+        "--batch-size 64 (checkpoint: 128)", "--mixed-precision unset (checkpoint: bf16)",
+        "--no-augment (checkpoint: --augment)"]
 
 
 def test_config_file_precedence_is_default_recipe_file_flag(tmp_path):

@@ -157,6 +157,20 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     assert f"--output-dir {blocker / 'run'}: cannot create" in proc.stderr
 
 
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    """A kill while a metrics record is appended leaves a torn last line: --resume latest drops it, naming it."""
+    run = tmp_path / "run"
+    args = [*TINY, "--batch-size", "100", "--output-dir", str(run)]  # 4 steps per epoch
+    assert_ok(run_cli("train", *args, "--epochs", "1"))
+    metrics = run / "metrics.jsonl"
+    assert len(metrics.read_text().splitlines()) == 5  # 4 step records and 1 epoch record
+    with open(metrics, "a") as f:
+        f.write('{"kind": "step", "step": 5, "epoch": 2, "lo')
+    proc = run_cli("train", *args, "--epochs", "2", "--resume", "latest")
+    assert_ok(proc)
+    assert f"warning: {metrics} line 6 is not a complete JSON record" in proc.stdout
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 9))
 
 
 def test_disk_full_during_checkpoint_keeps_earlier_checkpoints(tmp_path):

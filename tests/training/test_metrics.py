@@ -40,3 +40,18 @@ def test_resume_drops_the_records_after_the_resumed_step(tmp_path: Path) -> None
     MetricsFile(path, resume_step=4).write({"kind": "step", "step": 5})
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
     assert read_metrics(tmp_path / "missing") == []
+
+
+def test_a_torn_line_is_dropped_with_a_warning_naming_file_and_line(tmp_path: Path, capsys) -> None:
+    """A kill while a record is appended leaves a torn last line: readers and resumes drop it and say so."""
+    path = tmp_path / "metrics.jsonl"
+    good = [{"kind": "step", "step": s, "loss": 1.5} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"kind": "step", "step": 4, "lo')
+    assert read_metrics(tmp_path) == good
+    warning = f"warning: {path} line 4 is not a complete JSON record (torn by a kill mid-write?): dropped"
+    assert capsys.readouterr().err.splitlines() == [warning]
+    warnings: list[str] = []
+    MetricsFile(path, resume_step=3, warn=warnings.append).write({"kind": "step", "step": 4})
+    assert warnings == [warning]
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in [*good, {"kind": "step", "step": 4}])
+    assert read_metrics(tmp_path) == [*good, {"kind": "step", "step": 4}] and capsys.readouterr().err == ""

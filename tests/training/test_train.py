@@ -12,7 +12,9 @@ from tests.helpers import (ROOT, TINY, accelerate_launch, accelerate_launch_cmd,
                            free_port, load_json, run_cli, weights)
 from toolkit.training.checkpoint import list_checkpoints, verify_checkpoint
 from toolkit.training.metrics import read_metrics
-from toolkit.training.optim import LRSchedule
+from toolkit.training.config import build_train_config
+from toolkit.training.models import build_model
+from toolkit.training.optim import LRSchedule, build_optimizer, build_scheduler, fit_schedule
 
 
 def test_single_process_run_writes_the_run_folder(tmp_path):
@@ -73,6 +75,51 @@ def test_resume_is_bit_exact_across_an_epoch_boundary(tmp_path):
     proc = run_cli("train", *common, "--epochs", "3", "--resume", "latest", "--output-dir", str(full))
     assert_ok(proc)
     assert "resumed from" in proc.stdout and "step_26" in proc.stdout
+
+
+ONECYCLE = [*TINY, "--batch-size", "32", "--lr", "0.1", "--schedule", "onecycle", "--warmup-fraction", "0.2"]
+
+
+def test_resume_with_more_epochs_rebuilds_the_schedule_over_the_new_length(tmp_path):
+    """`--epochs 2`, then `--epochs 4 --resume latest`: steps 27-52 follow a onecycle schedule over 52 steps (the
+    checkpoint's schedule over 26 would leave them at LR 0), and config.json records the resume."""
+    run = tmp_path / "run"
+    assert_ok(run_cli("train", *ONECYCLE, "--epochs", "2", "--output-dir", str(run)))
+    proc = run_cli("train", *ONECYCLE, "--epochs", "4", "--resume", "latest", "--output-dir", str(run))
+    assert_ok(proc)
+    lrs = {m["step"]: m["lr"] for m in read_metrics(run) if m["kind"] == "step"}
+    assert list(lrs) == list(range(1, 53))
+    assert min(lrs[s] for s in range(27, 52)) > 0.0
+    first, longer = LRSchedule("onecycle", 26, 0.2), LRSchedule("onecycle", 52, 0.2)
+    assert [lrs[s] for s in range(1, 27)] == pytest.approx([0.1 * first(s) for s in range(1, 27)])
+    assert [lrs[s] for s in range(27, 53)] == pytest.approx([0.1 * longer(s) for s in range(27, 53)])
+    assert "LR schedule rebuilt over 52 steps (the checkpoint's ran over 26)" in proc.stdout
+    config = load_json(run / "config.json")
+    assert config["epochs"] == 4 and config["runtime"]["total_steps"] == 52
+    assert config["runtime"]["resumes"] == [{
+        "step": 26, "checkpoint": str(run / "checkpoints" / "step_26"), "checkpoint_epochs": 2, "epochs": 4,
+        "checkpoint_total_steps": 26, "total_steps": 52, "schedule_rebuilt": True}]
+    # The newest checkpoint carries the run's record, resumes included: a later resume reads its history there.
+    final = verify_checkpoint(list_checkpoints(run / "checkpoints")[-1])
+    assert final["run"]["epochs"] == 4 and final["run"]["runtime"]["resumes"] == config["runtime"]["resumes"]
+
+
+def test_resume_refuses_a_config_that_changes_what_the_steps_mean(tmp_path):
+    """A changed --batch-size (or --lr, ...) would mix two runs: refused in one line naming both values, and a
+    length that ends before the checkpoint is refused too; the run folder is left as it was."""
+    run = tmp_path / "run"
+    assert_ok(run_cli("train", *ONECYCLE, "--epochs", "2", "--output-dir", str(run)))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    resume = ["--resume", "latest", "--output-dir", str(run)]
+    ckpt = run / "checkpoints" / "step_26"
+    assert_clean_error(run_cli("train", *ONECYCLE, "--epochs", "4", "--batch-size", "64", "--lr", "0.2", *resume),
+                       f"--resume: this run's config differs from that of checkpoint {ckpt} (step 26, end of epoch 2): "
+                       "--batch-size 64 (checkpoint: 32), --lr 0.2 (checkpoint: 0.1); resume with the checkpoint's "
+                       f"values (--config {run / 'config.json'} repeats them)")
+    assert_clean_error(run_cli("train", *ONECYCLE, "--epochs", "1", *resume),
+                       f"--resume: --epochs 1 ends before checkpoint {ckpt} (step 26, end of epoch 2): "
+                       "pass --epochs 2 or more")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 # 2 ranks × batch 20 against 1 rank × batch 40, and the same 2 ranks as two one-process "machines".
@@ -148,6 +195,34 @@ def test_lr_schedules():
     cos = LRSchedule("cosine", total_steps=100, warmup_fraction=0.0)
     assert cos(0) == pytest.approx(1.0) and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
     assert LRSchedule("none", 100, 0.2)(37) == 1.0
+
+
+def test_fit_schedule_continues_a_restored_schedule_over_a_new_length():
+    """A LambdaLR restored from a checkpoint runs the checkpoint's schedule; fit_schedule moves it to the new length
+    at the same step, and with the same length changes nothing."""
+    cfg = build_train_config({"schedule": "onecycle", "lr": 0.1, "warmup_fraction": 0.2}).optim
+
+    def restored(total_steps: int):
+        """A scheduler for `total_steps`, loaded from one that made 10 of 20 steps."""
+        saved = build_scheduler(build_optimizer(build_model("tutorial", 10), cfg), cfg, total_steps=20)
+        for _ in range(10):
+            saved.optimizer.step()
+            saved.step()
+        scheduler = build_scheduler(build_optimizer(build_model("tutorial", 10), cfg), cfg, total_steps)
+        scheduler.load_state_dict(saved.state_dict())
+        return scheduler
+
+    old, new = LRSchedule("onecycle", 20, 0.2), LRSchedule("onecycle", 40, 0.2)
+    longer = restored(40)
+    assert longer.get_last_lr() == pytest.approx([0.1 * old(10)])  # the checkpoint's schedule
+    assert fit_schedule(longer, cfg, 40) == 20
+    assert longer.get_last_lr() == pytest.approx([0.1 * new(10)]) and new(10) != pytest.approx(old(10))
+    assert longer.optimizer.param_groups[0]["lr"] == longer.get_last_lr()[0]
+    longer.step()
+    assert longer.get_last_lr() == pytest.approx([0.1 * new(11)])
+    same = restored(20)
+    lr = same.get_last_lr()
+    assert fit_schedule(same, cfg, 20) == 20 and same.get_last_lr() == lr and lr[0] > 0  # bit-identical
 
 
 @pytest.mark.parametrize("args, fragments", [

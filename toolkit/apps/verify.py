@@ -42,6 +42,7 @@ from toolkit.artifacts.backends import DEFAULT_PROVIDER, Backend, load_backend
 from toolkit.artifacts.formats import AccuracyTolerance
 from toolkit.artifacts.manifest import MANIFEST, Manifest, hash_mismatch
 from toolkit.core.errors import ConfigError, DataError, VerificationError
+from toolkit.core.files import write_json_atomic
 from toolkit.training.config import DataConfig
 from toolkit.training.data import Split, load_held_out
 from toolkit.training.evaluate import EvalResult
@@ -128,8 +129,8 @@ class VerifyReport:
                    d.get("provider", DEFAULT_PROVIDER))
 
     def write(self, path: Path) -> None:
-        """verify.json (or `--json-out`): `to_json()`, indented."""
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        """verify.json (or `--json-out`): `to_json()`, indented, written atomically."""
+        write_json_atomic(path, self.to_json())
 
     @classmethod
     def read(cls, path: Path) -> VerifyReport:

@@ -26,19 +26,30 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON through a temporary file, fsynced and renamed over `path`:
-    a reader sees the old file or the new one, never a partial one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, fsynced and renamed over
+    `path` (then the folder fsynced, so the rename survives a power cut): a reader, or a process
+    starting after a kill at any moment, sees the old file or the new one, never a partial one. On
+    any failure the old file is left as it was and the temporary file is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON, atomically (`write_text_atomic`): every JSON record a command
+    writes (config.json, status.json, eval.json, verify.json, manifest.json) goes through here.
+
+    `data` is serialized before anything is written, so data that is not JSON leaves no file behind."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def is_plain_name(name: object) -> bool:

@@ -6,7 +6,8 @@ Layout of `checkpoints/step_<global step>/`:
   scheduler.pt        LR scheduler state dict (main process)
   scaler.pt           fp16 only: the GradScaler's loss scale and growth tracker (main process)
   rng_<process>.pt    each process's torch / numpy / python RNG states
-  state.json          written last: training position and the sha256 of every file above
+  state.json          written last: training position, the run's record (config.json: config and runtime) and
+                      the sha256 of every file above
 
 A checkpoint is written into a hidden temporary folder, fsynced, then renamed into place, so a
 kill mid-write leaves only a `.tmp` folder that loading ignores. `state.json` is the completion
@@ -59,8 +60,11 @@ class TrainState:
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, state: TrainState, model, optimizer,
-                    scheduler, keep: int) -> Path:
-    """Atomically write a checkpoint of every process's state; all processes must call this."""
+                    scheduler, keep: int, run: dict[str, Any] | None = None) -> Path:
+    """Atomically write a checkpoint of every process's state; all processes must call this.
+
+    `run` is the run's config.json record, kept in state.json so that a resume can check its config against the
+    checkpoint's wherever the checkpoint is (toolkit.training.runs.check_resume)."""
     final = checkpoints_dir / f"step_{state.global_step}"
     tmp = checkpoints_dir / f".step_{state.global_step}.tmp"
     try:
@@ -81,7 +85,8 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, state: Trai
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             for p in tmp.iterdir():
                 fsync_path(p)
-            record = {**asdict(state), "num_processes": accelerator.num_processes, "files": files}
+            record = {**asdict(state), "num_processes": accelerator.num_processes, "files": files,
+                      **({"run": run} if run is not None else {})}
             (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
             fsync_path(tmp / STATE_FILE)
             if final.exists():  # the same step written again after a resume: the new copy is complete

@@ -108,7 +108,9 @@ class TrainConfig:
     recipe: str = _field("fast", "named set of defaults: seed = the tutorial exactly, fast = tuned on a 2-core CPU, "
                                  "gpu = large batch for a GPU")
     model: str = _field("tutorial", "registered model name")
-    epochs: int = _field(2, "passes over the training split")
+    epochs: int = _field(2, "passes over the training split; with --resume it may differ from the checkpoint's run "
+                            "(but not end before the checkpoint): the LR schedule is then rebuilt over the new "
+                            "length (see --resume)")
     batch_size: int = _field(4, "images per process per micro-batch (global batch = this x processes x accumulation)")
     eval_batch_size: int = _field(1000, "images per process per evaluation batch")
     mixed_precision: str | None = _field(
@@ -124,7 +126,14 @@ class TrainConfig:
     checkpoint_every: int = _field(0, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (the newest K)")
     overwrite: bool = _field(False, "replace the run already in --output-dir (its checkpoints, metrics and weights)")
-    resume: str | None = _field(None, "'latest' (newest checkpoint in --output-dir) or a checkpoint folder")
+    resume: str | None = _field(
+        None, "'latest' (newest checkpoint in --output-dir; none yet: start from step 0) or a checkpoint or run "
+        "folder. The config must be the checkpoint's, except --epochs and --max-steps and the flags that only change "
+        "how the run is executed, logged and checkpointed (threads, logging, checkpoints, --compile, ...); anything "
+        "else is refused naming each difference. A different length rebuilds the LR schedule as if the run had "
+        "started with it and continues from the checkpoint's step: with onecycle or cosine the LR moves to the new "
+        "schedule's value at that step (back up when the run is made longer); config.json's runtime.resumes records "
+        "every resume")
     max_steps: int | None = _field(None, "stop after this many optimizer steps (for smoke runs)")
     log_every: int = _field(50, "write a metrics.jsonl line every N optimizer steps")
     threads: int | None = _field(None, "torch intra-op threads per process (default: torch's choice)")
@@ -193,6 +202,18 @@ RECIPES["gpu"] = {**RECIPES["fast"], "batch_size": 512, "lr": 0.2, "epochs": 40}
 
 _GROUPS = {"data": DataConfig, "optim": OptimConfig}
 
+# --resume: a checkpoint is the middle of one run. Its weights, optimizer state, LR-schedule position and data
+# position (epoch and batches done) mean something only under the config that wrote them, so a resumed run's config
+# must equal the checkpoint's (toolkit.training.runs.check_resume), except in these fields, which change how the
+# remaining steps are run, logged, checkpointed or checked, not what they compute:
+RESUME_MAY_CHANGE = ("recipe", "eval_batch_size", "compile", "deterministic", "output_dir", "checkpoint_every",
+                     "keep_checkpoints", "overwrite", "resume", "log_every", "threads", "on_nan", "max_nan_skips",
+                     "quiet", "log_with", "dist_timeout", "expect_processes", "cache_dir", "download")
+# ... and in the run's length, which may grow, or shrink down to the checkpoint's position: the LR schedule is then
+# rebuilt over the new total (toolkit.training.optim.fit_schedule). Every other field must match; mixed_precision is
+# compared as the precision the run really uses (the launcher's when the field is unset).
+RESUME_LENGTH = ("epochs", "max_steps")
+
 
 def leaf_fields() -> list[tuple[str | None, dataclasses.Field]]:
     """All configurable fields as (group or None, field), in declaration order. Names are unique."""
@@ -232,6 +253,22 @@ def build_train_config(*layers: dict[str, Any] | None) -> TrainConfig:
         if f.name in merged:
             (grouped[group] if group else top)[f.name] = merged[f.name]
     return TrainConfig(**top, **{g: cls(**grouped[g]) for g, cls in _GROUPS.items()})
+
+
+def resume_differences(checkpoint: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """`--flag value (checkpoint: value)` for every field that must match on resume (see `RESUME_MAY_CHANGE`)
+    and does not, in declaration order. Both are flat field values (`TrainConfig.flat`)."""
+    return [_difference(f.name, run[f.name], checkpoint[f.name]) for _, f in leaf_fields()
+            if f.name not in RESUME_MAY_CHANGE + RESUME_LENGTH and run[f.name] != checkpoint[f.name]]
+
+
+def _difference(name: str, run: Any, checkpoint: Any) -> str:
+    """`--batch-size 64 (checkpoint: 32)`; switches as their flags: `--no-augment (checkpoint: --augment)`."""
+    if isinstance(run, bool):
+        on, off = flag_name(name), "--no-" + flag_name(name)[2:]
+        return f"{on if run else off} (checkpoint: {on if checkpoint else off})"
+    run, checkpoint = ("unset" if v is None else v for v in (run, checkpoint))
+    return f"{flag_name(name)} {run} (checkpoint: {checkpoint})"
 
 
 def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:

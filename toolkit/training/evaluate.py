@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from toolkit.core.files import write_json_atomic
 from toolkit.training.accelerator import wants_cpu
 from toolkit.training.data import load_held_out, make_loader
 from toolkit.training.runs import MODEL, RunRecord, load_model
@@ -64,8 +65,8 @@ class EvalResult:
         return cls.from_json(json.loads(Path(path).read_text()))
 
     def write(self, path: Path) -> None:
-        """eval.json (or `--json-out`): `to_json()`, indented."""
-        path.write_text(json.dumps(self.to_json(), indent=2))
+        """eval.json (or `--json-out`): `to_json()`, indented, written atomically."""
+        write_json_atomic(path, self.to_json())
 
     def format(self) -> str:
         """The tutorial's report, plus the confusion matrix."""

@@ -4,42 +4,70 @@ metrics.jsonl holds one JSON object per line:
   {"kind": "step", "step", "epoch", "loss", "lr", "images_per_s", "train_seconds"}   every --log-every steps
   {"kind": "epoch", "epoch", "step", "train_loss", "train_seconds", "val_accuracy", "val_loss"}
 `train_seconds` counts time spent in training steps only (not evaluation, not checkpoint writes).
+A run killed while appending a record can leave its last line torn: readers drop a line that is not a
+complete JSON object, with a warning naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
+from toolkit.core.files import write_text_atomic
 from toolkit.training.progress import Progress
 from toolkit.training.runs import METRICS
 
 
-class MetricsFile:
-    """Appends records to metrics.jsonl; on resume, first drops the lines past the resumed step."""
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+
+def parse_records(path: Path, warn: Callable[[str], None] = _warn) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, oldest first; a line that is not a JSON object (torn by a kill
+    mid-write) is dropped and `warn`ed about, naming the file and the line."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            warn(f"warning: {path} line {number} is not a complete JSON record (torn by a kill mid-write?): dropped")
+    return records
+
+
+class MetricsFile:
+    """Appends records to metrics.jsonl; on resume, first drops the lines past the resumed step (and torn lines),
+    rewriting the file atomically."""
+
+    def __init__(self, path: Path, resume_step: int | None, warn: Callable[[str], None] = _warn) -> None:
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in parse_records(path, warn) if r.get("step", 0) <= resume_step]
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl, oldest first (none when there is no file)."""
+def read_metrics(run_dir: Path, warn: Callable[[str], None] = _warn) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, oldest first (none when there is no file); torn lines are dropped
+    with a warning (`parse_records`)."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_records(path, warn)
 
 
 class MetricLogger:
@@ -53,7 +81,7 @@ class MetricLogger:
     def __init__(self, accelerator: Accelerator, path: Path, resume_step: int | None, initial_step: int,
                  total_steps: int, epochs: int, log_every: int, quiet: bool, train_seconds: float = 0.0) -> None:
         self.accelerator = accelerator
-        self.file = MetricsFile(path, resume_step) if accelerator.is_main_process else None
+        self.file = MetricsFile(path, resume_step, accelerator.print) if accelerator.is_main_process else None
         self.progress = Progress(total_steps, initial_step, accelerator.is_main_process, quiet, log_every)
         self.total_steps, self.epochs, self.log_every = total_steps, epochs, log_every
         # [loss sum, finite batches] of this process, on the device: since the last step record, and this epoch

@@ -54,3 +54,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     """Stepped once per optimizer step, on the unwrapped optimizer: the LR is a function of the step
     alone (a scheduler passed through `accelerator.prepare` would step num_processes times per call)."""
     return LambdaLR(optimizer, LRSchedule(cfg.schedule, total_steps, cfg.warmup_fraction))
+
+
+def fit_schedule(scheduler: LambdaLR, cfg: OptimConfig, total_steps: int) -> int:
+    """After a resume: make `scheduler` follow `cfg`'s schedule over `total_steps` optimizer steps, from the step
+    it stands at; return the length (optimizer steps) of the schedule the checkpoint held.
+
+    A restored LambdaLR runs the checkpoint's schedule (its state holds the LRSchedule's fields): a run made longer
+    with --epochs would reach LR 0 at the old end and stay there. The schedule is rebuilt as if the run had started
+    with `total_steps`, and the current step's LR recomputed from it: with onecycle or cosine the LR moves from the
+    old schedule's value to the new one's at this step (back up, when the run is longer; warm-up is a fraction of the
+    new length). With the checkpoint's length nothing changes, to the bit.
+    """
+    before = scheduler.lr_lambdas[0].total_steps
+    scheduler.lr_lambdas = [LRSchedule(cfg.schedule, total_steps, cfg.warmup_fraction) for _ in scheduler.lr_lambdas]
+    scheduler.last_epoch -= 1
+    scheduler.step()  # the LR of step `last_epoch` again, from the new schedule
+    return before

@@ -22,7 +22,7 @@ import os
 import platform
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,9 +36,11 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from toolkit import __version__
-from toolkit.core.errors import CheckpointError, DivergenceError, Interrupted, ToolkitError, exit_code, first_line
+from toolkit.core.errors import (CheckpointError, ConfigError, DivergenceError, Interrupted, ToolkitError, exit_code,
+                                 first_line)
+from toolkit.core.files import write_json_atomic
 from toolkit.training.checkpoint import STATE_FILE, find_latest, list_checkpoints, verify_checkpoint
-from toolkit.training.config import TrainConfig, train_config_from_dict
+from toolkit.training.config import TrainConfig, resume_differences, train_config_from_dict
 from toolkit.training.models import build_model
 from toolkit.training.status import STATUS_FILE, Holder, RunLock, RunStatus, now
 
@@ -71,6 +73,19 @@ class DataInfo:
 
 
 @dataclass
+class ResumeInfo:
+    """One start of a run from a checkpoint: an entry of config.json's `runtime.resumes`, oldest first."""
+
+    step: int  # the checkpoint's optimizer step, where this start continued
+    checkpoint: str  # the checkpoint folder
+    checkpoint_epochs: int | None  # --epochs of the run that wrote the checkpoint (None: not recorded)
+    epochs: int  # --epochs from here on
+    checkpoint_total_steps: int  # length of the checkpoint's LR schedule, in optimizer steps
+    total_steps: int  # optimizer steps of the run from here on (--epochs, capped by --max-steps)
+    schedule_rebuilt: bool  # the LR schedule was rebuilt over total_steps (optim.fit_schedule): the lengths differ
+
+
+@dataclass
 class RunInfo:
     """What a run really had, as opposed to what its config asked for: config.json's "runtime"."""
 
@@ -89,13 +104,15 @@ class RunInfo:
     # (ACCELERATE_MIXED_PRECISION: accelerate launch --mixed_precision or its config file) or "default";
     # "unrecorded" in config.json files written before it was recorded.
     mixed_precision_source: str = "unrecorded"
+    # Every start from a checkpoint that led here, oldest first (--resume); empty for a run trained in one go.
+    resumes: list[ResumeInfo] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunInfo:
-        return cls(**{**d, "data": DataInfo(**d["data"])})
+        return cls(**{**d, "data": DataInfo(**d["data"]), "resumes": [ResumeInfo(**r) for r in d.get("resumes", [])]})
 
 
 @dataclass
@@ -108,8 +125,13 @@ class RunRecord:
     def to_json(self) -> dict[str, Any]:
         return {**self.config.to_dict(), "runtime": self.info.to_json()}
 
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> RunRecord:
+        """The inverse of `to_json`; ValueError, KeyError or TypeError when `saved` is not a run record."""
+        return cls(train_config_from_dict(saved), RunInfo.from_json(saved["runtime"]))
+
     def write(self, run_dir: Path) -> None:
-        (run_dir / CONFIG).write_text(json.dumps(self.to_json(), indent=2))
+        write_json_atomic(run_dir / CONFIG, self.to_json())
 
     @classmethod
     def read(cls, run_dir: Path) -> RunRecord:
@@ -117,8 +139,7 @@ class RunRecord:
         if not path.is_file():
             raise CheckpointError(f"--run {run_dir}: not a run folder (no {CONFIG})")
         try:
-            saved = json.loads(path.read_text())
-            return cls(train_config_from_dict(saved), RunInfo.from_json(saved["runtime"]))
+            return cls.from_json(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: unreadable ({first_line(exc)})") from None
 
@@ -172,8 +193,86 @@ def remove_run_files(run_dir: Path) -> None:
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
 
 
-def prepare_run_folder(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator) -> Path | None:
-    """Create the run folder and return the checkpoint to resume from, if any.
+@dataclass
+class ResumePoint:
+    """The checkpoint a run continues from, and what is known of the run that wrote it."""
+
+    path: Path
+    state: dict[str, Any]  # its state.json: the training position (TrainState's fields) and more
+    record: RunRecord | None  # the run that wrote it (see `read_resume_point`); None: not known
+
+    @property
+    def step(self) -> int:
+        return self.state["global_step"]
+
+    def history(self) -> list[ResumeInfo]:
+        """The resumes that led to the checkpoint, oldest first. (A run folder's config.json, read for older
+        checkpoints, may also list later resumes, from later checkpoints.)"""
+        return [r for r in self.record.info.resumes if r.step <= self.step] if self.record else []
+
+
+def read_resume_point(path: Path, warn: Callable[[str], None]) -> ResumePoint:
+    """A verified checkpoint and the run that wrote it: the record in its state.json, or, for checkpoints written
+    before state.json held one, the config.json of the run folder holding it (`warn`ed when that is missing or
+    unreadable: the run then resumes unchecked)."""
+    state = json.loads((path / STATE_FILE).read_text())  # verified by the caller
+    if "run" in state:
+        try:
+            return ResumePoint(path, state, RunRecord.from_json(state["run"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {path}: unreadable run record in {STATE_FILE} ({first_line(exc)})") \
+                from None
+    beside = path.parent.parent / CONFIG
+    try:
+        return ResumePoint(path, state, RunRecord.from_json(json.loads(beside.read_text())))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = f"no {beside}" if isinstance(exc, FileNotFoundError) else f"{beside} is unreadable ({first_line(exc)})"
+        warn(f"warning: checkpoint {path} does not record its run's config and {reason}: this run's config is not "
+             "checked against the checkpoint's")
+        return ResumePoint(path, state, None)
+
+
+def check_resume(cfg: TrainConfig, precision: str, point: ResumePoint) -> None:
+    """Refuse, in one line, a resume that ends before its checkpoint, or whose config would change what the
+    checkpoint's steps mean (every field but `config.RESUME_MAY_CHANGE` and the length, `config.RESUME_LENGTH`);
+    `precision` is the mixed precision this run uses."""
+    epoch, batches = point.state["epoch"], point.state["batches_done"]
+    begun = epoch + (1 if batches else 0)  # epochs the checkpoint has started
+    where = f"checkpoint {point.path} (step {point.step}, {'in' if batches else 'end of'} epoch {begun})"
+    if cfg.epochs < begun:
+        raise ConfigError(f"--resume: --epochs {cfg.epochs} ends before {where}: pass --epochs {begun} or more")
+    if cfg.max_steps is not None and cfg.max_steps < point.step:
+        raise ConfigError(f"--resume: --max-steps {cfg.max_steps} ends before {where}: pass --max-steps "
+                          f"{point.step} or more, or none")
+    if point.record is None:
+        return
+    saved = {**point.record.config.flat(), "mixed_precision": point.record.info.mixed_precision}
+    differences = resume_differences(saved, {**cfg.flat(), "mixed_precision": precision})
+    if differences:
+        repeat = point.path.parent.parent / CONFIG
+        hint = f" (--config {repeat} repeats them)" if repeat.is_file() else ""
+        raise ConfigError(f"--resume: this run's config differs from that of {where}: "
+                          f"{', '.join(differences)}; resume with the checkpoint's values{hint}, or start a new run "
+                          "in another --output-dir")
+
+
+def check_resume_data(point: ResumePoint, data: DataInfo) -> None:
+    """Refuse a resume whose data are not the checkpoint's run's though the config is (image files added, removed or
+    renamed): its data position (epoch, batches done) would land on other images."""
+    if point.record is None:
+        return
+    saved = point.record.info.data
+    differences = [f"{what} {now} (checkpoint: {then})" for what, now, then in [
+        ("training images", data.train, saved.train), ("validation images", data.val, saved.val),
+        ("classes", data.classes, saved.classes)] if now != then]
+    if differences:
+        raise CheckpointError(f"--resume: the data differ from checkpoint {point.path}'s run: {', '.join(differences)}"
+                              "; resume with the checkpoint's data, or start a new run in another --output-dir")
+
+
+def prepare_run_folder(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator) -> ResumePoint | None:
+    """Create the run folder and return the checkpoint to resume from, if any, checked against this run's config
+    (`check_resume`).
 
     Refuses to train over an existing run by accident: that takes `--resume` or `--overwrite`.
     """
@@ -199,13 +298,17 @@ def prepare_run_folder(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator
                                   "--overwrite to replace it, or choose another --output-dir")
         if accelerator.is_main_process:
             remove_run_files(run_dir)  # only the files a run writes, never the rest of the folder
+    start = None
+    if resume_from is not None:
+        start = read_resume_point(resume_from, accelerator.print)
+        check_resume(cfg, accelerator.mixed_precision, start)
     if accelerator.is_main_process:
         try:
             (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CheckpointError(f"--output-dir {run_dir}: cannot create ({exc.strerror})") from None
     accelerator.wait_for_everyone()
-    return resume_from
+    return start
 
 
 class RunSession:

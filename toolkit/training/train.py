@@ -44,9 +44,9 @@ from toolkit.training.data import Splits, load_splits, make_loader
 from toolkit.training.evaluate import EvalResult, evaluate
 from toolkit.training.metrics import MetricLogger
 from toolkit.training.models import build_model
-from toolkit.training.optim import build_optimizer, build_scheduler
-from toolkit.training.runs import CHECKPOINTS, EVAL, METRICS, MODEL, DataInfo, RunInfo, RunRecord, RunSession, \
-    prepare_run_folder, save_model, versions
+from toolkit.training.optim import build_optimizer, build_scheduler, fit_schedule
+from toolkit.training.runs import CHECKPOINTS, EVAL, METRICS, MODEL, DataInfo, ResumeInfo, ResumePoint, RunInfo, \
+    RunRecord, RunSession, check_resume_data, prepare_run_folder, save_model, versions
 from toolkit.training.signals import GracefulStop
 
 
@@ -78,6 +78,7 @@ class Loop:
     total_steps: int
     compile_mode: str | None  # torch.compile mode, None without --compile
     state: TrainState = field(default_factory=TrainState)
+    record: RunRecord | None = None  # config.json's record, once written; every checkpoint carries it
 
     @property
     def done(self) -> bool:
@@ -85,7 +86,7 @@ class Loop:
 
     def checkpoint(self) -> None:
         save_checkpoint(self.accelerator, self.run_dir / CHECKPOINTS, self.state, self.model, self.optimizer,
-                        self.scheduler, self.cfg.keep_checkpoints)
+                        self.scheduler, self.cfg.keep_checkpoints, self.record.to_json() if self.record else None)
 
 
 class StepFlags:
@@ -122,9 +123,10 @@ class StepFlags:
 def train(cfg: TrainConfig, session: RunSession | None = None) -> TrainResult:
     """Train, checkpoint and evaluate one run:
 
-        accelerator, locked run folder -> run folder checks -> status.json -> data -> model, optimizer,
-        loaders (prepared), schedule -> resume -> config.json -> for each epoch: train_one_epoch (logging,
-        checkpoints) -> validate -> checkpoint -> final weights -> evaluate on the test split (or val) -> eval.json
+        accelerator, locked run folder -> run folder checks (a resume's config against its checkpoint's) ->
+        status.json -> data -> model, optimizer, loaders (prepared), schedule -> resume (the schedule fitted to this
+        run's length) -> config.json -> for each epoch: train_one_epoch (logging, checkpoints) -> validate ->
+        checkpoint -> final weights -> evaluate on the test split (or val) -> eval.json
 
     `session` is the caller's hold on the run folder when training is part of a longer command (`toolkit run`).
     """
@@ -135,20 +137,19 @@ def train(cfg: TrainConfig, session: RunSession | None = None) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
-    resume_from = prepare_run_folder(cfg, run_dir, accelerator)
+    start = prepare_run_folder(cfg, run_dir, accelerator)
     session.claim()
     splits = load_splits(cfg.data)
     eval_split, eval_note = splits.held_out("test")
+    data = DataInfo(splits.source, splits.train.classes, len(splits.train), len(splits.val), eval_split.name,
+                    eval_note)
     loop = build_loop(cfg, accelerator, run_dir, splits)
     session.follow(lambda: loop.state.global_step)
     eval_dl = accelerator.prepare(make_loader(eval_split, cfg.eval_batch_size, shuffle=False, device=accelerator.device))
     val_dl = accelerator.prepare(make_loader(splits.val, cfg.eval_batch_size, shuffle=False,
                                              device=accelerator.device)) if len(splits.val) else None
-    if resume_from is not None:
-        loop.state = load_checkpoint(accelerator, resume_from, loop.model, loop.optimizer, loop.scheduler)
-        accelerator.print(f"resumed from {resume_from} at step {loop.state.global_step} "
-                          f"(epoch {loop.state.epoch + 1}, batch {loop.state.batches_done})")
-    record = RunRecord(cfg, run_info(loop, splits, eval_split.name, eval_note))
+    resumes = _resume(loop, start, data) if start is not None else []
+    record = loop.record = RunRecord(cfg, run_info(loop, data, resumes))
     if accelerator.is_main_process:
         record.write(run_dir)
     _announce(loop, record, len(eval_split))
@@ -185,7 +186,24 @@ def build_loop(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, splits
                 compile_mode)
 
 
-def run_info(loop: Loop, splits: Splits, eval_split: str, eval_note: str | None) -> RunInfo:
+def _resume(loop: Loop, start: ResumePoint, data: DataInfo) -> list[ResumeInfo]:
+    """Restore the checkpoint into the loop and fit its LR schedule to this run's length (`fit_schedule`); return
+    the resumes that led here, this one last."""
+    check_resume_data(start, data)
+    loop.state = load_checkpoint(loop.accelerator, start.path, loop.model, loop.optimizer, loop.scheduler)
+    before = fit_schedule(loop.scheduler, loop.cfg.optim, loop.total_steps)
+    resume = ResumeInfo(step=loop.state.global_step, checkpoint=str(start.path),
+                        checkpoint_epochs=start.record.config.epochs if start.record else None, epochs=loop.cfg.epochs,
+                        checkpoint_total_steps=before, total_steps=loop.total_steps,
+                        schedule_rebuilt=before != loop.total_steps)
+    loop.accelerator.print(
+        f"resumed from {start.path} at step {loop.state.global_step} (epoch {loop.state.epoch + 1}, batch "
+        f"{loop.state.batches_done})" + (f"; LR schedule rebuilt over {loop.total_steps} steps (the checkpoint's "
+                                         f"ran over {before})" if resume.schedule_rebuilt else ""))
+    return [*start.history(), resume]
+
+
+def run_info(loop: Loop, data: DataInfo, resumes: list[ResumeInfo]) -> RunInfo:
     cfg, accelerator = loop.cfg, loop.accelerator
     return RunInfo(
         num_processes=accelerator.num_processes,
@@ -198,8 +216,9 @@ def run_info(loop: Loop, splits: Splits, eval_split: str, eval_note: str | None)
         steps_per_epoch=math.ceil(len(loop.train_dl) / cfg.optim.grad_accum_steps),
         total_steps=loop.total_steps,
         compile_mode=loop.compile_mode,
-        data=DataInfo(splits.source, splits.train.classes, len(splits.train), len(splits.val), eval_split, eval_note),
-        versions=versions())
+        data=data,
+        versions=versions(),
+        resumes=resumes)
 
 
 def _announce(loop: Loop, record: RunRecord, eval_images: int) -> None:
