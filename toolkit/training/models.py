@@ -134,14 +134,12 @@ class SpeedNet(nn.Module):
     """airbench94's network: whitening conv (2×2, 24 filters, frozen weights, trained bias), conv groups of
     64, 256 and 256 channels (31 -> 15 -> 7 -> 3 pixels), 3×3 max-pool, linear head without bias, × 1/9."""
 
-    WHITEN_KERNEL = 2
-    LOGIT_SCALE = 1 / 9  # keeps the initial logits small: the head sees unnormalized max-pooled activations
-
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)) -> None:
         super().__init__()
+        kernel = 2
         # Twice the patch dimension (3 channels × 2 × 2): the whitening filters and their negatives.
-        whiten_width = 2 * IMAGE_SHAPE[0] * self.WHITEN_KERNEL ** 2
-        self.whiten = nn.Conv2d(IMAGE_SHAPE[0], whiten_width, self.WHITEN_KERNEL, bias=True)
+        whiten_width = 2 * IMAGE_SHAPE[0] * kernel ** 2
+        self.whiten = nn.Conv2d(IMAGE_SHAPE[0], whiten_width, kernel, bias=True)
         self.whiten.weight.requires_grad_(False)
         groups, channels = [], whiten_width
         for width in widths:
@@ -150,10 +148,11 @@ class SpeedNet(nn.Module):
         self.groups = nn.Sequential(*groups)
         self.pool = nn.MaxPool2d(3)
         self.head = nn.Linear(channels, num_classes, bias=False)
+        self.logit_scale = 1 / 9  # keeps the first logits small: the head sees unnormalized max-pooled activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(F.gelu(self.whiten(x)))
-        return self.head(torch.flatten(self.pool(x), 1)) * self.LOGIT_SCALE
+        return self.head(torch.flatten(self.pool(x), 1)) * self.logit_scale
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
