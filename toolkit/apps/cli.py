@@ -69,6 +69,12 @@ def _tolerance_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
                         help=f"{prefix}relative logit tolerance of fp32 formats (default {formats.LOGIT_RTOL:g})")
 
 
+def _model_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="the model of the weights (default: the one they name); needed for your own model, "
+                             "package.module:factory, whose module is imported only when named here")
+
+
 def _threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per runtime (intra-op threads of torch and of ONNX Runtime)")
@@ -117,6 +123,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _data_flags(p)
     p.add_argument("--split", choices=HELD_OUT_SPLITS, default=HELD_OUT_SPLITS[0])
     p.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
+    _model_flag(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -129,6 +136,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="export this checkpoint (a folder, or step_N under the run's checkpoints/) instead of the final weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    _model_flag(p)
     p.set_defaults(func=_cmd_export)
 
 
@@ -141,6 +149,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     _tolerance_flags(p)
     _threads_flag(p)
     _provider_flag(p)
+    _model_flag(p)
     p.set_defaults(func=_cmd_verify)
 
 
@@ -158,6 +167,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"refuse more than this many images per call (default {DEFAULT_MAX_BATCH})")
     _provider_flag(p)
+    _model_flag(p)
     p.set_defaults(func=_cmd_predict)
 
 
@@ -215,14 +225,15 @@ def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from toolkit.training.evaluate import evaluate_run  # per command: imports torch
 
-    evaluate_run(args.run, _data_overrides(args), args.split, args.json_out)
+    evaluate_run(args.run, _data_overrides(args), args.split, args.json_out, model=args.model)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from toolkit.artifacts.export import export_run  # per command: imports torch
 
-    export_run(args.run, args.out, formats.parse_formats(args.formats), args.checkpoint, args.overwrite)
+    export_run(args.run, args.out, formats.parse_formats(args.formats), args.checkpoint, args.overwrite,
+               model=args.model)
     return 0
 
 
@@ -230,7 +241,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from toolkit.apps.verify import verify_and_report  # per command: imports torch
 
     verify_and_report(args.export_dir, _data_overrides(args), args.split, args.atol, args.rtol, args.json_out,
-                      args.threads, provider=args.provider)
+                      args.threads, provider=args.provider, model=args.model)
     return 0
 
 
@@ -238,7 +249,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from toolkit.apps.predict import predict_and_report  # per command: torch only for torch formats
 
     predict_and_report(args.artifact, args.images, args.top_k, args.threads, args.check_hash, args.json,
-                       max_batch=args.max_batch, provider=args.provider)
+                       max_batch=args.max_batch, provider=args.provider, model=args.model)
     return 0
 
 

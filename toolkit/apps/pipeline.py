@@ -54,7 +54,7 @@ def _check_export_dir(export_dir: Path | None, output_dir: str | None) -> None:
 
 def save_grid_predictions(run_dir: Path, cfg: TrainConfig, split: str, count: int = GRID_IMAGES) -> Path:
     """The eager model's predictions on `count` evaluation images, saved for the report's grid."""
-    trained = load_model(run_dir / MODEL)
+    trained = load_model(run_dir / MODEL, model=cfg.model)
     held, _ = load_splits(cfg.data).held_out(split)
     # Evenly spaced over the split, so that a split stored class by class still shows every class.
     index = torch.linspace(0, len(held) - 1, min(count, len(held))).round().long().unique()
@@ -90,13 +90,14 @@ def _publish(result: TrainResult, cfg: TrainConfig, export_dir: Path | None, nam
     run_dir = result.run_dir
     remove_outputs(run_dir)  # a rerun (--resume latest, --overwrite) replaces them all
     target = export_dir or default_export_dir(run_dir)
-    export_dir = export_run(run_dir, target, names, overwrite=_export_belongs_to(target, run_dir), log=log)
+    export_dir = export_run(run_dir, target, names, overwrite=_export_belongs_to(target, run_dir), log=log,
+                            model=cfg.model)
     shutil.copyfile(export_dir / MANIFEST, run_dir / EXPORT_MANIFEST)
     split = result.evaluation.split  # where train() evaluated: test, or val when the data has no test split
     failure: VerificationError | None = None
     try:
         verify_and_report(export_dir, None, split, atol, rtol, json_out=run_dir / VERIFY, threads=cfg.threads,
-                          log=log)
+                          log=log, model=cfg.model)
     except VerificationError as exc:
         failure = exc  # reported after the report is written, so the failure is documented too
     save_grid_predictions(run_dir, cfg, split)

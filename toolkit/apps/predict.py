@@ -145,20 +145,21 @@ def _is_batch(images: object) -> bool:
 
 
 def load(artifact: str | Path, threads: int | None = None, provider: str = DEFAULT_PROVIDER,
-         check_hash: bool = True, max_batch: int | None = DEFAULT_MAX_BATCH) -> Classifier:
+         check_hash: bool = True, max_batch: int | None = DEFAULT_MAX_BATCH, model: str | None = None) -> Classifier:
     """A model file (any registered format) or a run/export folder (its eager weights), ready to `predict`.
 
     With `check_hash` (`--no-hash-check` turns it off), an artifact listed in a manifest.json beside it must
     still have its recorded sha256, and a .ts or .pt2 file (a program) must be listed there; the bytes checked
     are the bytes loaded (`load_backend`). `provider`: where ONNX Runtime runs (auto, cpu, cuda, tensorrt).
+    `model`: for eager weights of a user's model, its `package.module:factory`, which only naming it imports.
     """
     return Classifier(load_backend(artifact, threads=threads, provider=provider, max_batch=max_batch,
-                                   check_hash=check_hash))
+                                   check_hash=check_hash, model=model))
 
 
 def predict_images(artifact: Path, images: Sequence[Path], top_k: int = 1, threads: int | None = None,
                    check_hash: bool = True, max_batch: int | None = DEFAULT_MAX_BATCH,
-                   provider: str = DEFAULT_PROVIDER) -> list[Prediction]:
+                   provider: str = DEFAULT_PROVIDER, model: str | None = None) -> list[Prediction]:
     """Class and probability for each image file, from any artifact `load_backend` accepts.
 
     Arguments are checked before the model is loaded; more than `max_batch` images is an `InputError`.
@@ -169,8 +170,8 @@ def predict_images(artifact: Path, images: Sequence[Path], top_k: int = 1, threa
         raise ConfigError(f"--max-batch: must be an integer >= 1, got {max_batch!r}")
     if max_batch is not None and len(images) > max_batch:
         raise InputError(f"{len(images)} images exceed the limit of {max_batch} per call (--max-batch)")
-    model = load(artifact, threads, provider, check_hash, max_batch)
-    return model.predict([Path(p) for p in images], top_k)
+    classifier = load(artifact, threads, provider, check_hash, max_batch, model)
+    return classifier.predict([Path(p) for p in images], top_k)
 
 
 def format_predictions(predictions: Sequence[Prediction]) -> str:
@@ -183,9 +184,9 @@ def predict_and_report(artifact: Path, images: Sequence[Path], top_k: int = 1, t
                        check_hash: bool = True, as_json: bool = False,
                        log: Callable[[str], None] = print,
                        max_batch: int | None = DEFAULT_MAX_BATCH,
-                       provider: str = DEFAULT_PROVIDER) -> list[Prediction]:
+                       provider: str = DEFAULT_PROVIDER, model: str | None = None) -> list[Prediction]:
     """`toolkit predict`: print one line per image, or a JSON list with `as_json` (each entry names the
     provider the model ran on)."""
-    predictions = predict_images(artifact, images, top_k, threads, check_hash, max_batch, provider)
+    predictions = predict_images(artifact, images, top_k, threads, check_hash, max_batch, provider, model)
     log(json.dumps([p.to_json() for p in predictions], indent=2) if as_json else format_predictions(predictions))
     return predictions

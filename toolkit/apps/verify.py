@@ -255,7 +255,7 @@ def load_verification_split(manifest: Manifest, data_overrides: dict[str, Any],
 
 def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
                   atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, threads: int | None = None,
-                  provider: str = DEFAULT_PROVIDER) -> VerifyReport:
+                  provider: str = DEFAULT_PROVIDER, model: str | None = None) -> VerifyReport:
     """Run the eager model and every artifact listed in the export's manifest over a split; compare.
 
     `provider` chooses where ONNX Runtime runs the .onnx files; torch formats run on the CPU.
@@ -285,7 +285,8 @@ def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None
             continue
         # A program's hash is checked again on the very bytes loaded; a changed data file is run all the same.
         backend = load_backend(export_dir / name, threads=threads,
-                               provider=provider if fmt.runtime == "onnxruntime" else "cpu", check_hash=fmt.program)
+                               provider=provider if fmt.runtime == "onnxruntime" else "cpu", check_hash=fmt.program,
+                               model=model)
         logits = run_backend(backend, held.images)
         reference = logits.astype(np.float64) if reference is None else reference
         accuracy = fmt.tolerance if fmt.by_accuracy else None
@@ -307,13 +308,13 @@ def _not_loaded(row: str, file: str, classes: list[str], problem: str) -> Format
 def verify_and_report(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
                       atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, json_out: Path | None = None,
                       threads: int | None = None, log: Callable[[str], None] = print,
-                      provider: str = DEFAULT_PROVIDER) -> VerifyReport:
+                      provider: str = DEFAULT_PROVIDER, model: str | None = None) -> VerifyReport:
     """`toolkit verify`: print the table, write the JSON, then raise `VerificationError` if a format failed."""
     export_dir = Path(export_dir)
     if json_out is not None and json_out.resolve().parent == export_dir.resolve() \
             and json_out.name in {MANIFEST, *(f.file for f in formats.FORMATS)}:
         raise ConfigError(f"--json-out {json_out}: would overwrite an artifact of the export being verified")
-    report = verify_export(export_dir, data_overrides, split, atol, rtol, threads, provider)
+    report = verify_export(export_dir, data_overrides, split, atol, rtol, threads, provider, model)
     log(report.format())
     if json_out is not None:
         report.write(json_out)

@@ -160,8 +160,11 @@ def check_torchscript_archive(path: Path, data: bytes) -> None:
     with archive, _archive_errors(path, what):
         # torch.jit.load finds entries by name ignoring case, so `CODE/x.PY` is code to it too.
         lowered = {entry.lower() for entry in entries}
-        required = ["data.pkl", "constants.pkl", "version"]
-        missing = [e for e in required if e not in lowered]
+        missing = [e for e in ("data.pkl", "constants.pkl") if e not in lowered]
+        # torch writes `.data/version` instead of `version` once an operator in the model (GELU, for one) needs
+        # a newer file format version, and reads either.
+        if not {"version", ".data/version"} & lowered:
+            missing.append("version")
         if missing or not any(e.startswith("code/") for e in lowered):
             hint = " (it looks like a torch.export .pt2 archive)" if "archive_format" in lowered else \
                    " (a torch.save checkpoint or another zip?)"

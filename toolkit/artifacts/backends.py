@@ -248,13 +248,16 @@ class Backend(ABC):
 
 
 def load_backend(path: str | Path, threads: int | None = None, provider: str = DEFAULT_PROVIDER,
-                 max_batch: int | None = DEFAULT_MAX_BATCH, check_hash: bool = True) -> Backend:
+                 max_batch: int | None = DEFAULT_MAX_BATCH, check_hash: bool = True,
+                 model: str | None = None) -> Backend:
     """Load a model artifact by path: any registered format's file, or a run or export folder (eager weights).
 
     `threads` sets the threads the runtime may use (for torch formats: torch's process-wide setting).
     `provider` (one of `PROVIDERS`) chooses where ONNX Runtime runs: `auto` is CUDA when this build and
     machine have it, else the CPU. Torch formats run on the CPU, and accept only `auto` and `cpu`.
-    `max_batch` bounds the images per `predict_logits` call (None: no bound).
+    `max_batch` bounds the images per `predict_logits` call (None: no bound). `model`: the model the user
+    names (`--model`); eager weights of a user's model (`package.module:factory`) load only when it is named
+    (`toolkit.training.runs.rebuild_model`), since naming it imports code.
 
     The file is read once; with `check_hash` (`toolkit predict --no-hash-check` turns it off) those
     bytes must match the sha256 of the manifest.json beside the file if it lists the file, and a .ts or
@@ -289,6 +292,6 @@ def load_backend(path: str | Path, threads: int | None = None, provider: str = D
         raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if check_hash:
         manifest.check_bytes(path, data, fmt)
-    backend = runtime.load(path, fmt, data, threads, provider)
+    backend = runtime.load(path, fmt, data, threads, provider, model)
     backend.max_batch = max_batch
     return backend

@@ -49,7 +49,7 @@ from toolkit.artifacts import formats
 from toolkit.artifacts.backends import ONNXRUNTIME_INSTALL
 from toolkit.artifacts.manifest import MANIFEST, FileEntry, Manifest, SourceInfo
 from toolkit.artifacts.metadata import INPUT_LAYOUT, INPUT_NAME, METADATA_FILE, OUTPUT_NAME, ArtifactMetadata
-from toolkit.core.errors import ArtifactError, ConfigError, DataError, first_line
+from toolkit.core.errors import ArtifactError, ConfigError, DataError, ToolkitError, first_line
 from toolkit.core.files import sha256_file
 from toolkit.core.images import CHANNELS, HEIGHT, MEAN, STD, WIDTH
 from toolkit.training.checkpoint import verify_checkpoint
@@ -79,19 +79,20 @@ class Source:
     record: RunRecord
 
 
-def load_source(run_dir: Path, checkpoint: str | Path | None = None) -> Source:
-    """The run's final weights, or those of one of its checkpoints, as an fp32 eval-mode model."""
+def load_source(run_dir: Path, checkpoint: str | Path | None = None, model: str | None = None) -> Source:
+    """The run's final weights, or those of one of its checkpoints, as an fp32 eval-mode model; `model` is the
+    model the user names (`--model`), needed for a user's model (`toolkit.training.runs.rebuild_model`)."""
     record = RunRecord.read(run_dir)
     if checkpoint is None:
-        trained = load_model(run_dir / MODEL)
+        trained = load_model(run_dir / MODEL, model=model)
         return Source(run_dir, run_dir / MODEL, None, trained.model, trained.model_name, trained.classes, record)
     folder = Path(checkpoint)
     if not folder.exists() and (run_dir / CHECKPOINTS / folder).exists():
         folder = run_dir / CHECKPOINTS / folder  # `--checkpoint step_12` names one of the run's own
     verify_checkpoint(folder)
     name, classes = record.config.model, record.info.data.classes
-    model = rebuild_model(name, classes, load_file(folder / MODEL), f"checkpoint {folder}")
-    return Source(run_dir, folder / MODEL, folder.name, model, name, classes, record)
+    module = rebuild_model(name, classes, load_file(folder / MODEL), f"checkpoint {folder}", model)
+    return Source(run_dir, folder / MODEL, folder.name, module, name, classes, record)
 
 
 def _example(num: int = _EXAMPLE_BATCH) -> torch.Tensor:
@@ -298,13 +299,13 @@ def default_export_dir(run_dir: Path) -> Path:
 
 def export_run(run_dir: Path, out: Path | None = None, names: Sequence[str] = formats.EXPORTABLE,
                checkpoint: str | Path | None = None, overwrite: bool = False,
-               log: Callable[[str], None] = print) -> Path:
+               log: Callable[[str], None] = print, model: str | None = None) -> Path:
     """`toolkit export`: write the chosen formats, the eager weights and the manifest; return the folder."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else default_export_dir(run_dir)
     _check_destination(out, overwrite)
-    source = load_source(run_dir, checkpoint)
-    metadata = ArtifactMetadata(source.classes, list(MEAN), list(STD))
+    source = load_source(run_dir, checkpoint, model)
+    metadata = ArtifactMetadata(source.classes, list(MEAN), list(STD), model=source.model_name)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -317,7 +318,13 @@ def export_run(run_dir: Path, out: Path | None = None, names: Sequence[str] = fo
             fmt = formats.get(name)
             held_back: list[str] = []
             with _collect_warnings(held_back):
-                details = WRITERS[name](job, tmp / fmt.file)
+                try:
+                    details = WRITERS[name](job, tmp / fmt.file)
+                except ToolkitError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - an exporter that cannot take this model is said in one line
+                    raise ArtifactError(f"{name}: cannot be made from model {source.model_name!r} "
+                                        f"({first_line(exc)}); leave it out with --formats") from None
             if "note" in details:
                 held_back.append(details.pop("note"))
             for line in held_back:

@@ -23,6 +23,7 @@ INPUT_LAYOUT = "NCHW"
 INPUT_SPEC = f"N×{CHANNELS}×{HEIGHT}×{WIDTH} float32"  # as error messages state it
 METADATA_FILE = "metadata.json"  # extra file inside .ts / .pt2 archives
 METADATA_KEYS = ("class_names", "mean", "std", "input_layout", "toolkit_version")
+OPTIONAL_KEYS = ("model",)  # absent from files exported before it was recorded
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,12 @@ class ArtifactMetadata:
     std: list[float]
     input_layout: str = INPUT_LAYOUT
     toolkit_version: str = __version__
+    model: str | None = None  # the model it was exported from: a built-in name or a user's package.module:factory
 
     def to_strings(self) -> dict[str, str]:
         """The same key -> JSON-string mapping for ONNX `metadata_props` and `metadata.json`."""
-        return {k: json.dumps(getattr(self, k)) for k in METADATA_KEYS}
+        return {k: json.dumps(getattr(self, k)) for k in (*METADATA_KEYS, *OPTIONAL_KEYS)
+                if getattr(self, k) is not None}
 
     @classmethod
     def from_strings(cls, props: dict[str, str], source: Path) -> ArtifactMetadata:
@@ -45,9 +48,10 @@ class ArtifactMetadata:
         if missing:
             raise ArtifactError(f"{source}: no toolkit metadata {missing} (was it written by `toolkit export`?)")
         try:
-            values = {k: json.loads(props[k]) for k in METADATA_KEYS}
+            values = {k: json.loads(props[k]) for k in (*METADATA_KEYS, *OPTIONAL_KEYS) if k in props}
             meta = cls(**values)
             ok = (isinstance(meta.class_names, list) and all(isinstance(c, str) for c in meta.class_names)
+                  and (meta.model is None or isinstance(meta.model, str))
                   and len(meta.mean) == CHANNELS and len(meta.std) == CHANNELS
                   and all(float(s) > 0 for s in meta.std))
         except (ValueError, TypeError) as exc:

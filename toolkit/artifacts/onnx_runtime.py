@@ -196,10 +196,12 @@ def _session_error(path: Path, model: bytes, exc: Exception, choice: str, flag: 
                        f"an error of {_build()}, not one it gives for invalid models")
 
 
-def load(path: Path, fmt: Format, model: bytes, threads: int | None, provider: str) -> Backend:
-    """An .onnx file as a `Backend`: `model`, its bytes as `load_backend` read and hash-checked them, checked
-    to be self-contained and handed to ONNX Runtime."""
-    check_self_contained(path, model)
+def load(path: Path, fmt: Format, data: bytes, threads: int | None, provider: str,
+         model: str | None = None) -> Backend:
+    """An .onnx file as a `Backend`: `data`, its bytes as `load_backend` read and hash-checked them, checked
+    to be self-contained and handed to ONNX Runtime. The file holds its whole graph: no model code is imported,
+    whatever `model` names."""
+    check_self_contained(path, data)
     choice = resolve_provider(provider, ort.get_available_providers())
     if choice != "cpu" and hasattr(ort, "preload_dlls"):
         _start_gpu_libraries()
@@ -209,10 +211,10 @@ def load(path: Path, fmt: Format, model: bytes, threads: int | None, provider: s
         # ONNX Runtime print()s its notes when a session fails with a ValueError or RuntimeError and it retries
         # on the CPU: they belong on stderr, not in `toolkit predict --json` output.
         with contextlib.redirect_stdout(sys.stderr):
-            session = ort.InferenceSession(model, _session_options(threads if choice == "cpu" else None),
+            session = ort.InferenceSession(data, _session_options(threads if choice == "cpu" else None),
                                            providers=with_options)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors (Fail, EPFail, ...) share no base class
-        raise _session_error(path, model, exc, choice, provider) from None
+        raise _session_error(path, data, exc, choice, provider) from None
     if session.get_providers()[0] != chain[0]:  # ORT falls back silently when a provider cannot start
         raise ConfigError(f"--provider {provider}: ONNX Runtime could not start {chain[0]} on this machine and fell "
                           f"back to {', '.join(session.get_providers())} (are the CUDA and cuDNN libraries that "

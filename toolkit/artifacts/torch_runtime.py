@@ -39,12 +39,12 @@ class TorchBackend(Backend):
             return self.module(x).float().numpy()
 
 
-def load(path: Path, fmt: Format, data: bytes, threads: int | None, provider: str) -> Backend:
+def load(path: Path, fmt: Format, data: bytes, threads: int | None, provider: str, model: str | None = None) -> Backend:
     """A torch-format file as a `Backend`; `threads` is torch's process-wide intra-op setting. Torch formats
     run on the CPU here (`provider` auto or cpu).
 
-    .ts and .pt2 programs are checked and loaded from `data`, the bytes `load_backend` read and
-    hash-checked. Eager weights are data, not code: `load_model` reads them again by path.
+    Every format is checked and loaded from `data`, the bytes `load_backend` read and hash-checked. Eager
+    weights rebuild their model by name: `model` is the one the user names (see `load_backend`).
     """
     if provider not in ("auto", "cpu"):
         raise ConfigError(f"--provider {provider}: {path} is a {fmt.name} file, which runs on the CPU with torch; "
@@ -52,19 +52,19 @@ def load(path: Path, fmt: Format, data: bytes, threads: int | None, provider: st
     if threads is not None:
         torch.set_num_threads(threads)
     if fmt.name == "eager":
-        metadata, module = _load_eager(path)
+        metadata, module = _load_eager(path, data, model)
     else:
         metadata, module = {"torchscript": _load_torchscript, "pt2": _load_exported_program}[fmt.name](path, data)
     return TorchBackend(path, fmt, metadata, module)
 
 
-def _load_eager(path: Path) -> tuple[ArtifactMetadata, nn.Module]:
+def _load_eager(path: Path, data: bytes, model: str | None) -> tuple[ArtifactMetadata, nn.Module]:
     try:
-        trained = load_model(path)
+        trained = load_model(path, data, model)
     except CheckpointError as exc:
         raise ArtifactError(str(exc)) from None
     # Eager weights carry no normalization: they are, by definition, the training preprocessing.
-    return ArtifactMetadata(trained.classes, list(MEAN), list(STD)), trained.model
+    return ArtifactMetadata(trained.classes, list(MEAN), list(STD), model=trained.model_name), trained.model
 
 
 @contextlib.contextmanager

@@ -107,7 +107,8 @@ class TrainConfig:
 
     recipe: str = _field("fast", "named set of defaults: seed = the tutorial exactly, fast = tuned on a 2-core CPU, "
                                  "gpu = large batch for a GPU")
-    model: str = _field("tutorial", "registered model name")
+    model: str = _field("tutorial", "a built-in model (tutorial, resnet18, speednet) or your own as "
+                                    "package.module:factory, a callable factory(num_classes) -> torch.nn.Module")
     epochs: int = _field(2, "passes over the training split; with --resume it may differ from the checkpoint's run "
                             "(but not end before the checkpoint): the LR schedule is then rebuilt over the new "
                             "length (see --resume)")

@@ -107,10 +107,11 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, classes: list[s
 
 
 def evaluate_run(run_dir: Path, data_overrides: dict[str, Any], split: str = "test",
-                 json_out: Path | None = None) -> EvalResult:
-    """`toolkit evaluate`: the run's final weights on a split of its data (or of `data_overrides`)."""
+                 json_out: Path | None = None, model: str | None = None) -> EvalResult:
+    """`toolkit evaluate`: the run's final weights on a split of its data (or of `data_overrides`); `model` is
+    the model the user names (`--model`), needed for a user's model (`toolkit.training.runs.rebuild_model`)."""
     cfg = RunRecord.read(run_dir).config
-    trained = load_model(run_dir / MODEL)
+    trained = load_model(run_dir / MODEL, model=model)
     held, note = load_held_out(dataclasses.replace(cfg.data, **data_overrides), trained.classes, split)
     accelerator = Accelerator(cpu=wants_cpu())
     model, loader = accelerator.prepare(trained.model, make_loader(held, cfg.eval_batch_size, shuffle=False))

@@ -32,7 +32,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from toolkit import __version__
@@ -159,31 +160,52 @@ class TrainedModel:
     path: Path
 
 
-def load_model(path: Path) -> TrainedModel:
-    """Rebuild an eval-mode fp32 model from a `model.safetensors` written by `save_model`."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such model file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(path)
-        name, classes = meta["model"], json.loads(meta["classes"])
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a toolkit model file ({type(exc).__name__}: {exc})") from None
-    return TrainedModel(rebuild_model(name, classes, state, str(path)), name, classes, path)
+def load_model(path: Path, data: bytes | None = None, model: str | None = None) -> TrainedModel:
+    """Rebuild an eval-mode fp32 model from a `model.safetensors` written by `save_model`.
 
-
-def rebuild_model(name: str, classes: list[str], state: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """A registered model with `state` loaded, fp32 and in eval mode; `source` names the weights in errors.
-
-    Mixed-precision runs keep fp32 master weights; `.float()` also covers any half-precision state.
+    `data`: the file's bytes when the caller already read (and hash-checked) them; otherwise the file is
+    read here, once. `model`: the model the user names for this command (`--model`), see `rebuild_model`.
     """
-    model = build_model(name, len(classes))
+    if data is None:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such model file")
+        data = path.read_bytes()
     try:
-        model.load_state_dict(state)
+        name, classes = _model_header(data)
+        state = load_safetensors(data)
+    except (SafetensorError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a toolkit model file ({first_line(exc)})") from None
+    return TrainedModel(rebuild_model(name, classes, state, str(path), model), name, classes, path)
+
+
+def _model_header(data: bytes) -> tuple[str, list[str]]:
+    """(model name, class names) from the metadata of a safetensors file's header (an 8-byte little-endian
+    length, then that many bytes of JSON whose `__metadata__` maps strings to strings)."""
+    size = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + size])["__metadata__"]
+    name, classes = meta["model"], json.loads(meta["classes"])
+    if not isinstance(name, str) or not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError("its model name and class names are not strings")
+    return name, classes
+
+
+def rebuild_model(name: str, classes: list[str], state: dict[str, torch.Tensor], source: str,
+                  model: str | None = None) -> nn.Module:
+    """The model `name` with `state` loaded, fp32 and in eval mode; `source` names the weights in errors.
+
+    `model` is the model the user names for this command (`--model`), if any: it must be the weights' own,
+    and a user's factory (`package.module:factory`) is imported only when the user names it: a file alone
+    never makes the toolkit run code. Mixed-precision runs keep fp32 master weights; `.float()` also covers
+    any half-precision state.
+    """
+    if model is not None and model != name:
+        raise ConfigError(f"--model {model}: {source} holds weights of model {name!r}")
+    built = build_model(name, len(classes), import_code=model == name)
+    try:
+        built.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{source}: weights do not fit model {name!r}: {first_line(exc)}") from None
-    return model.float().eval()
+    return built.float().eval()
 
 
 def remove_run_files(run_dir: Path) -> None:

@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, session: RunSession | None = None) -> TrainResult:
 def build_loop(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, splits: Splits) -> Loop:
     """Model, optimizer and training loader (its images on the device), prepared; the LR schedule over
     the run's optimizer steps; the compiled forward with --compile."""
-    model = build_model(cfg.model, len(splits.train.classes))
+    model = build_model(cfg.model, len(splits.train.classes), import_code=True)  # the user named it
     optimizer = build_optimizer(model, cfg.optim)
     train_dl = make_loader(splits.train, cfg.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,
                            device=accelerator.device)
