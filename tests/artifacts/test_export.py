@@ -17,11 +17,12 @@ import torch
 from tests.helpers import CLASSES, FILES, Export, assert_clean_error, assert_like_eager, assert_ok, cli
 from toolkit.artifacts.backends import load_backend
 from toolkit.artifacts.manifest import Manifest
-from toolkit.artifacts.metadata import METADATA_KEYS, ArtifactMetadata
+from toolkit.artifacts.metadata import METADATA_KEYS, OPTIONAL_KEYS, ArtifactMetadata
 from toolkit.core.files import sha256_file
 from toolkit.core.images import MEAN, STD
 
-EXPECTED_METADATA = {"class_names": CLASSES, "mean": list(MEAN), "std": list(STD), "input_layout": "NCHW"}
+EXPECTED_METADATA = {"class_names": CLASSES, "mean": list(MEAN), "std": list(STD), "input_layout": "NCHW",
+                     "model": "tutorial"}
 
 
 def _batches() -> dict[int, np.ndarray]:
@@ -94,7 +95,7 @@ print(json.dumps(meta))
 """
     proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
     assert_ok(proc)
-    meta = {k: json.loads(v) for k, v in json.loads(proc.stdout).items() if k in METADATA_KEYS}
+    meta = {k: json.loads(v) for k, v in json.loads(proc.stdout).items() if k in (*METADATA_KEYS, *OPTIONAL_KEYS)}
     assert meta == {**EXPECTED_METADATA, "toolkit_version": meta["toolkit_version"]} and meta["toolkit_version"]
     eager = load_backend(exported.dir / "model.safetensors")
     for n, x in batches.items():
