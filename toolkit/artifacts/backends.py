@@ -262,8 +262,7 @@ def load_backend(path: str | Path, threads: int | None = None, provider: str = D
     The file is read once; with `check_hash` (`toolkit predict --no-hash-check` turns it off) those
     bytes must match the sha256 of the manifest.json beside the file if it lists the file, and a .ts or
     .pt2 file, a program, must be listed (`manifest.check_bytes`). The archive checks and the runtime
-    then see the same bytes, so the file cannot be swapped between the check and the load (except
-    .safetensors weights, data, which the training code's reader reads again by path). .ts and .pt2
+    then see the same bytes, so the file cannot be swapped between the check and the load. .ts and .pt2
     files are programs: see "Which files are safe to load" above.
     """
     path = Path(path)
