@@ -28,7 +28,9 @@ Which files are safe to load
 (docs/security.md says the same at more length, with what was found in torch's loaders.)
 
 - `.safetensors` (eager weights, checkpoint weights): data only, a JSON header and raw tensor bytes.
-  Safe to load from anywhere; the worst a bad file can do is fail to load or give wrong answers.
+  Safe to load from anywhere; the worst a bad file can do is fail to load or give wrong answers. The
+  weights name their model: a user's `package.module:factory` is imported (its code run) only when the
+  caller names it too (`model=`, `--model`), never on the file's word alone.
 - `.onnx`: a graph of standard ONNX operators, run by ONNX Runtime. It cannot run arbitrary code,
   but it is not inert data either: a malicious graph can still exhaust memory or CPU (huge
   shapes, enormous initializers, loops). The toolkit refuses ONNX files that reference external
