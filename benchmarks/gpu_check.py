@@ -44,14 +44,13 @@ from typing import Any
 
 import torch
 
-from toolkit.training.accelerator import wants_cpu
+from toolkit.training.accelerator import PRECISIONS_ON, wants_cpu
 from toolkit.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT_EPOCHS = 2  # images/s from the second: the first compiles, allocates and warms caches
 LOG_WINDOWS_PER_EPOCH = 4
 TARGET_ACCURACY = 0.70
-PRECISIONS_ON = {"cpu": ("no", "bf16"), "cuda": ("no", "bf16", "fp16")}  # fp16 trains on a GPU only
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ from torch import nn
 
 from benchmarks.common import THREADS_ALL, Scale, check_against_eager, median_seconds, record_throughput, time_call
 from benchmarks.flops import TRAINING_FACTOR
-from tests.helpers import DEVICE_NAMES, PRECISIONS_ON, on_device
+from tests.helpers import DEVICE_NAMES, on_device
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import Backend, load_backend
 from toolkit.core.errors import ConfigError
+from toolkit.training.accelerator import PRECISIONS_ON
 
 
 def _device_name(device: str) -> str:

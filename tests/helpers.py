@@ -36,8 +36,6 @@ TINY = ["--data", "synthetic", "--synthetic-train-size", "400", "--synthetic-tes
 # The devices of the tests of the device paths (tests/training/test_gpu.py, benchmarks/test_gpu.py): always the
 # CPU, so that CI runs every line of them, and the CUDA GPU where there is one (its cases marked `gpu`).
 DEVICE_NAMES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-# The mixed precisions each device trains in: fp16 needs a GPU (the toolkit refuses it on the CPU).
-PRECISIONS_ON = {"cpu": ("no", "bf16"), "cuda": ("no", "bf16", "fp16")}
 # The `exported` fixture's run: 500 synthetic images, 3 epochs, about 100 % test accuracy in a few seconds.
 TRAIN_ARGS = ["--data", "synthetic", "--synthetic-train-size", "500", "--synthetic-test-size", "200",
               "--epochs", "3", "--batch-size", "16", "--lr", "0.05", "--threads", "1"]

@@ -15,8 +15,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from tests.helpers import DEVICE_NAMES, DEVICES, PRECISIONS_ON, TINY, assert_ok, device_env, devices, load_json, \
-    on_device, run_cli, weights
+from tests.helpers import DEVICE_NAMES, DEVICES, TINY, assert_ok, device_env, devices, load_json, on_device, run_cli, \
+    weights
+from toolkit.training.accelerator import PRECISIONS_ON
 from toolkit.training.checkpoint import SCALER_FILE, list_checkpoints
 from toolkit.training.config import DataConfig, OptimConfig, TrainConfig
 from toolkit.training.data import load_splits, make_loader, make_synthetic

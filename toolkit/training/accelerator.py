@@ -29,6 +29,8 @@ _LAUNCHER_WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_C
 # Where `accelerate launch --mixed_precision` and the accelerate config file put their precision
 # (Accelerate reads it only when `Accelerator(mixed_precision=None)`).
 LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"
+# The mixed precisions each device type trains in: fp16 needs a GPU (Accelerate would train in fp32 on the CPU).
+PRECISIONS_ON = {"cpu": ("no", "bf16"), "cuda": PRECISIONS}
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def build_accelerator(cfg: TrainConfig) -> tuple[Accelerator, Path]:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     precision = resolve_precision(cfg.mixed_precision)
-    if precision.value == "fp16" and use_cpu:
+    if use_cpu and precision.value not in PRECISIONS_ON["cpu"]:
         # Accelerate would silently train in fp32 on CPU.
         raise ConfigError(f"{precision.origin()}: fp16 needs a GPU and this run is on the CPU; use bf16 on CPU")
     if not use_cpu:
