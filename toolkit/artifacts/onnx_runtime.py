@@ -13,7 +13,7 @@ off). A provider the build lacks, or one that fails to start (missing CUDA libra
 library itself. A file that is not a model ONNX Runtime can run is an `ArtifactError` instead
 (`_session_error` tells the two apart).
 
-CPU tuning (measured with `python -m benchmarks.ort_settings`; README "ONNX Runtime on the CPU"):
+CPU tuning (measured with `python -m benchmarks.ort_settings`; docs/deployment.md, "ONNX Runtime on the CPU"):
 - graph optimization level ORT_ENABLE_ALL (the default, stated explicitly): constant folding, Conv+ReLU
   and Gemm+ReLU fusion, and the NCHWc layout (convolutions in channel blocks that fit AVX-512).
 - on the CPU provider a batch larger than `SLICE` images runs as slices of `SLICE`, one after another,

@@ -169,7 +169,10 @@ def load_model(path: Path, data: bytes | None = None, model: str | None = None) 
     if data is None:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such model file")
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         name, classes = _model_header(data)
         state = load_safetensors(data)
