@@ -36,10 +36,30 @@ def test_flags_override_recipe_values():
     ({"keep_checkpoints": 0}, "--keep-checkpoints"),
     ({"recipe": "slow"}, "--recipe"),
     ({"data": "mnist"}, "--data"),
+    ({"crop_padding": 17}, "--crop-padding"),
+    ({"lr_end": 1.5}, "--lr-end"),
+    ({"lr_start": -0.1}, "--lr-start"),
+    ({"norm_lr_scale": 0}, "--norm-lr-scale"),
+    ({"lookahead_every": -1}, "--lookahead-every"),
+    ({"lookahead_decay": 1.0}, "--lookahead-decay"),
+    ({"whiten_images": -5}, "--whiten-images"),
+    ({"tta": "mirror"}, "--tta"),
+    ({"mixed_precision": "auto8"}, "--mixed-precision"),
 ])
 def test_invalid_values_name_the_flag(values, flag):
     with pytest.raises(ConfigError, match=flag):
         build_train_config(values)
+
+
+def test_the_speednet_recipe_is_airbench94s_in_this_trainers_terms():
+    cfg = build_train_config({"recipe": "speednet"})
+    assert (cfg.model, cfg.batch_size, cfg.tta, cfg.channels_last, cfg.mixed_precision) == \
+        ("speednet", 1024, "flip-translate", True, "auto")
+    optim = cfg.optim
+    # airbench: lr 11.5 per 1024 summed images over 1 + 1/(1 - momentum) steps of momentum; we average the loss.
+    assert optim.lr == pytest.approx(11.5 / (1 + 1 / (1 - optim.momentum)), rel=1e-3)
+    assert optim.weight_decay == pytest.approx(0.0153 * 1024 / (1024 * (1 + 1 / (1 - 0.85))), rel=3e-3)
+    assert (optim.decoupled_weight_decay, optim.norm_lr_scale, optim.lookahead_every) == (True, 64.0, 5)
 
 
 def test_config_round_trips_through_json_dict():
@@ -67,9 +87,11 @@ def test_resume_checks_every_field_that_changes_what_the_steps_mean():
     assert set(RESUME_MAY_CHANGE) | set(RESUME_LENGTH) <= set(names)
     flat = build_train_config({}).flat()
     checked = {n for n in names if resume_differences(flat, {**flat, n: "changed"})}
-    assert checked == {"model", "batch_size", "mixed_precision", "seed", "data", "data_dir", "val_fraction",
-                       "augment", "synthetic_train_size", "synthetic_test_size", "lr", "momentum", "nesterov",
-                       "weight_decay", "schedule", "warmup_fraction", "label_smoothing", "grad_accum_steps"}
+    assert checked == {"model", "batch_size", "mixed_precision", "whiten_images", "seed", "data", "data_dir",
+                       "val_fraction", "augment", "crop_padding", "synthetic_train_size", "synthetic_test_size", "lr",
+                       "momentum", "nesterov", "weight_decay", "decoupled_weight_decay", "norm_lr_scale", "schedule",
+                       "warmup_fraction", "lr_start", "lr_end", "lookahead_every", "lookahead_decay",
+                       "label_smoothing", "grad_accum_steps"}
     assert checked.isdisjoint(RESUME_MAY_CHANGE + RESUME_LENGTH)
     # One entry per differing field, in declaration order, as the flags are written; the length is not one.
     changed = {**flat, "batch_size": 64, "augment": False, "mixed_precision": None, "epochs": 9}

@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.helpers import ROOT, TINY, accelerate_launch, assert_clean_error, assert_ok, load_json, run_cli
 from toolkit.core.errors import ConfigError, LaunchError
+from toolkit.training import accelerator as accelerator_module
 from toolkit.training.accelerator import check_gpu_topology, resolve_precision
 from toolkit.training.status import Holder, RunStatus
 
@@ -34,6 +36,21 @@ def test_precision_is_the_configs_else_the_launchers_else_fp32(requested, launch
     environ = {"ACCELERATE_MIXED_PRECISION": launcher} if launcher else {}
     precision = resolve_precision(requested, environ)
     assert (precision.value, precision.source, precision.overridden) == expected
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "no")])
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch, native, expected):
+    seen = []
+    monkeypatch.setattr(accelerator_module, "native_bf16", lambda cpu: seen.append(cpu) or native)
+    precision = resolve_precision("auto", {}, cpu=True)
+    assert (precision.value, precision.source, seen) == (expected, "config", [True])
+
+
+def test_native_bf16_on_the_cpu_follows_its_instruction_sets(monkeypatch):
+    for avx512_bf16, amx, expected in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert accelerator_module.native_bf16(cpu=True) is expected
 
 
 def test_a_launcher_precision_the_toolkit_does_not_train_in_is_refused():

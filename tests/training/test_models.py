@@ -3,9 +3,10 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 from toolkit.core.errors import ConfigError
-from toolkit.training.models import MODELS, ResNet18, SpeedNet, TutorialNet, build_model, count_parameters
+from toolkit.training.models import MODELS, ResNet18, SpeedNet, TutorialNet, build_model, count_parameters, init_whitening
 
 
 def test_tutorial_net_matches_the_tutorial():
@@ -110,3 +111,38 @@ def test_a_bad_user_factory_is_one_line_naming_the_problem(user_module, name, me
     with pytest.raises(ConfigError) as caught:
         build_model(name, 10, import_code=True)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def _correlated_images(n: int = 64) -> torch.Tensor:
+    """Images whose channels and neighbouring pixels are strongly correlated, as photographs are."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, 1, 33, 33, generator=g)
+    smooth = (base[:, :, :-1, :-1] + base[:, :, 1:, 1:]) / 2
+    return smooth * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+
+
+def test_whitening_init_decorrelates_the_first_layers_outputs():
+    model, images = SpeedNet(), _correlated_images()
+    init_whitening(model, images, eps=1e-12)  # the default 5e-4 damps the faintest components on purpose
+    out = nn.functional.conv2d(images.double(), model.whiten.weight.double())
+    first, second = out[:, :12], out[:, 12:]
+    flat = first.permute(1, 0, 2, 3).reshape(12, -1)
+    covariance = flat @ flat.T / flat.shape[1]
+    torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), atol=2e-3, rtol=0)
+    assert torch.equal(second, -first)  # the negatives: both signs survive the GELU
+    assert not model.whiten.weight.requires_grad  # still frozen
+
+
+def test_whitening_fills_a_layer_with_fewer_filters_with_the_leading_components():
+    model = TutorialNet()  # conv1: 6 filters of 3×5×5 = 75 values
+    init_whitening(model, _correlated_images())
+    assert model.conv1.weight.shape == (6, 3, 5, 5) and torch.isfinite(model.conv1.weight).all()
+
+
+@pytest.mark.parametrize("model, message", [
+    (nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), "the model has no Conv2d layer"),
+    (nn.Sequential(nn.Conv2d(3, 13, 2)), r"first convolution \(0: 3->13, 2×2, groups 1\) cannot hold"),
+])
+def test_whitening_refuses_a_model_whose_first_layer_cannot_hold_it(model, message):
+    with pytest.raises(ConfigError, match=message):
+        init_whitening(model, _correlated_images(4))

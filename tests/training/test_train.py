@@ -77,6 +77,54 @@ def test_resume_is_bit_exact_across_an_epoch_boundary(tmp_path):
     assert "resumed from" in proc.stdout and "step_26" in proc.stdout
 
 
+# Every trainer feature airbench's recipe uses, on a model with BatchNorm and a whitening layer.
+SPEED_FEATURES = [*TINY, "--model", "speednet", "--epochs", "2", "--batch-size", "50", "--lr", "0.2", "--momentum",
+                  "0.85", "--nesterov", "--weight-decay", "0.002", "--decoupled-weight-decay", "--norm-lr-scale", "16",
+                  "--schedule", "onecycle", "--lr-start", "0.2", "--lr-end", "0.07", "--lookahead-every", "3",
+                  "--whiten-images", "200", "--channels-last", "--augment", "--crop-padding", "2",
+                  "--label-smoothing", "0.2", "--tta", "flip-translate", "--checkpoint-every", "5",
+                  "--keep-checkpoints", "10"]
+
+
+def test_the_speednet_features_train_resume_bit_exactly_and_evaluate_with_tta(tmp_path):
+    full = tmp_path / "full"
+    assert_ok(run_cli("train", *SPEED_FEATURES, "--output-dir", str(full)))
+    reference = weights(full / "model.safetensors")
+    first = build_model("speednet")
+    assert not torch.equal(reference["whiten.weight"], first.state_dict()["whiten.weight"])  # whitened, then frozen
+    checkpoint = full / "checkpoints" / "step_10"  # mid-epoch 2 (8 steps per epoch), between Lookahead blends
+    assert "lookahead.safetensors" in verify_checkpoint(checkpoint)["files"]
+    fork = tmp_path / "fork"
+    assert_ok(run_cli("train", *SPEED_FEATURES, "--resume", str(checkpoint), "--output-dir", str(fork)))
+    resumed = weights(fork / "model.safetensors")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    evaluation = load_json(full / "eval.json")
+    assert evaluation["tta"] == "flip-translate" and evaluation["accuracy"] > 0.5
+    # `toolkit evaluate` uses the run's --tta unless told otherwise, and says which.
+    plain = run_cli("evaluate", "--run", str(full), "--tta", "none", "--json-out", str(tmp_path / "plain.json"))
+    again = run_cli("evaluate", "--run", str(full), "--json-out", str(tmp_path / "again.json"))
+    assert_ok(plain)
+    assert_ok(again)
+    headline = [next(line for line in p.stdout.splitlines() if line.startswith("Accuracy of the network"))
+                for p in (plain, again)]
+    assert headline[0].endswith(" %") and headline[1].endswith("(test-time augmentation: flip-translate)")
+    assert load_json(tmp_path / "plain.json")["tta"] == "none"
+    assert load_json(tmp_path / "again.json")["confusion"] == evaluation["confusion"]
+
+
+def test_lookahead_state_left_out_of_a_checkpoint_is_refused_on_resume(tmp_path):
+    run = tmp_path / "run"
+    common = [*TINY, "--epochs", "1", "--batch-size", "50", "--lr", "0.1", "--lookahead-every", "2",
+              "--checkpoint-every", "4", "--keep-checkpoints", "5"]
+    assert_ok(run_cli("train", *common, "--output-dir", str(run)))
+    checkpoint = run / "checkpoints" / "step_4"
+    state = load_json(checkpoint / "state.json")
+    del state["files"]["lookahead.safetensors"]
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    proc = run_cli("train", *common, "--resume", str(checkpoint), "--output-dir", str(tmp_path / "fork"))
+    assert_clean_error(proc, "lookahead.safetensors is not listed in state.json")
+
+
 ONECYCLE = [*TINY, "--batch-size", "32", "--lr", "0.1", "--schedule", "onecycle", "--warmup-fraction", "0.2"]
 
 

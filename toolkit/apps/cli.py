@@ -19,7 +19,7 @@ from typing import Any
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import DEFAULT_MAX_BATCH, DEFAULT_PROVIDER, PROVIDERS
 from toolkit.core.errors import ToolkitError, exit_code
-from toolkit.training.config import (DATA_SOURCES, HELD_OUT_SPLITS, RECIPES, TrainConfig, build_train_config,
+from toolkit.training.config import (DATA_SOURCES, HELD_OUT_SPLITS, RECIPES, TTA_LEVELS, TrainConfig, build_train_config,
                                      field_type, flag_name, leaf_fields, read_config_file)
 from toolkit.training.status import RunStatus, describe_status, status_field
 
@@ -123,6 +123,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _data_flags(p)
     p.add_argument("--split", choices=HELD_OUT_SPLITS, default=HELD_OUT_SPLITS[0])
     p.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
+    p.add_argument("--tta", choices=TTA_LEVELS, default=None,
+                   help="test-time augmentation: logits averaged over views of each image (default: the run's --tta)")
     _model_flag(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -225,7 +227,7 @@ def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from toolkit.training.evaluate import evaluate_run  # per command: imports torch
 
-    evaluate_run(args.run, _data_overrides(args), args.split, args.json_out, model=args.model)
+    evaluate_run(args.run, _data_overrides(args), args.split, args.json_out, model=args.model, tta=args.tta)
     return 0
 
 

@@ -52,3 +52,40 @@ def normalize(images: np.ndarray, mean: tuple[float, ...] | list[float] = MEAN,
     m = np.asarray(mean, dtype=np.float32).reshape(1, CHANNELS, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, CHANNELS, 1, 1)
     return (x - m) / s
+
+
+def _view_index(shift: int, flip: bool, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Source pixel of each output pixel along one axis: shifted by `shift` px with reflection at the border
+    (as padding in "reflect" mode and cropping does), then mirrored when `flip`."""
+    index = np.arange(size) + shift
+    index = np.abs(index)  # -1 -> 1: reflect at the first pixel
+    index = np.where(index > size - 1, 2 * (size - 1) - index, index)  # size -> size - 2: at the last
+    return index[::-1].copy() if flip else index
+
+
+# Test-time augmentation levels (`--tta`): (row shift, column shift, mirrored, weight) per view. flip-translate
+# is airbench's: half the weight on the image and its mirror, half on both shifted 1 px up-left and down-right.
+TTA_VIEWS: dict[str, tuple[tuple[int, int, bool, float], ...]] = {
+    "none": ((0, 0, False, 1.0),),
+    "flip": ((0, 0, False, 0.5), (0, 0, True, 0.5)),
+    "flip-translate": ((0, 0, False, 0.25), (0, 0, True, 0.25),
+                       (-1, -1, False, 0.125), (-1, -1, True, 0.125), (1, 1, False, 0.125), (1, 1, True, 0.125)),
+}
+
+
+def tta_logits(predict, images, level: str):
+    """The weighted mean of `predict` over the views of `level` (`TTA_VIEWS`) of a normalized N×3×H×W batch.
+
+    Views are index gathers that numpy arrays and torch tensors take alike, so evaluation (torch, on the
+    device) and verification of exported files (numpy) classify the very same views."""
+    if level not in TTA_VIEWS:
+        raise DataError(f"--tta: unknown level {level!r}; choose from {', '.join(TTA_VIEWS)}")
+    total = None
+    for row_shift, col_shift, flip, weight in TTA_VIEWS[level]:
+        view = images
+        if row_shift or col_shift or flip:
+            rows, cols = _view_index(row_shift, False, images.shape[2]), _view_index(col_shift, flip, images.shape[3])
+            view = images[:, :, rows][:, :, :, cols]
+        logits = predict(view) * weight
+        total = logits if total is None else total + logits
+    return total

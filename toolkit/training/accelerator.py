@@ -49,8 +49,20 @@ class Precision:
                 "or by hand)")
 
 
-def resolve_precision(requested: str | None, environ: Mapping[str, str] = os.environ) -> Precision:
-    """The config's precision when it names one, else the launcher's, else fp32 ("no")."""
+def native_bf16(cpu: bool) -> bool:
+    """Whether the run's device computes bf16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16 or
+    AMX tiles. Elsewhere oneDNN emulates bf16 convolutions, slower than fp32."""
+    if not cpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(requested: str | None, environ: Mapping[str, str] = os.environ,
+                      cpu: bool | None = None) -> Precision:
+    """The config's precision when it names one (`auto`: bf16 where `native_bf16`, else fp32), else the
+    launcher's, else fp32 ("no"). `cpu`: whether the run is on the CPU (default: `wants_cpu()`)."""
+    if requested == "auto":
+        requested = "bf16" if native_bf16(wants_cpu() if cpu is None else cpu) else "no"
     launcher = environ.get(LAUNCHER_PRECISION, "").strip().lower() or None
     if launcher is not None and launcher not in PRECISIONS:
         raise ConfigError(f"{LAUNCHER_PRECISION}={launcher}: the toolkit trains in {', '.join(PRECISIONS)}; "

@@ -5,6 +5,7 @@ Layout of `checkpoints/step_<global step>/`:
   optimizer.pt        optimizer state dict, loaded with `weights_only=True` (main process)
   scheduler.pt        LR scheduler state dict (main process)
   scaler.pt           fp16 only: the GradScaler's loss scale and growth tracker (main process)
+  lookahead.safetensors  with --lookahead-every: the Lookahead copy of the weights (main process)
   rng_<process>.pt    each process's torch / numpy / python RNG states
   state.json          written last: training position, the run's record (config.json: config and runtime) and
                       the sha256 of every file above
@@ -45,6 +46,7 @@ from toolkit.core.files import fsync_path, sha256_file
 
 STATE_FILE = "state.json"
 SCALER_FILE = "scaler.pt"
+LOOKAHEAD_FILE = "lookahead.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -59,8 +61,13 @@ class TrainState:
     nan_skips: int = 0  # batches skipped for a non-finite loss (--on-nan skip)
 
 
+def safetensors_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as safetensors stores it: every tensor contiguous (channels-last weights are not)."""
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, state: TrainState, model, optimizer,
-                    scheduler, keep: int, run: dict[str, Any] | None = None) -> Path:
+                    scheduler, keep: int, run: dict[str, Any] | None = None, lookahead=None) -> Path:
     """Atomically write a checkpoint of every process's state; all processes must call this.
 
     `run` is the run's config.json record, kept in state.json so that a resume can check its config against the
@@ -75,7 +82,9 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, state: Trai
         accelerator.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
-            save_file(accelerator.unwrap_model(model).state_dict(), tmp / "model.safetensors")
+            save_file(safetensors_state(accelerator.unwrap_model(model).state_dict()), tmp / "model.safetensors")
+            if lookahead is not None:
+                save_file(safetensors_state(lookahead.state_dict()), tmp / LOOKAHEAD_FILE)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if accelerator.scaler is not None:  # fp16: a resumed run continues with the same loss scale
@@ -170,8 +179,9 @@ def find_latest(checkpoints_dir: Path) -> tuple[Path, list[str]]:
                           + (f" ({'; '.join(skipped)})" if skipped else ""))
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore a verified checkpoint into the prepared model, optimizer and scheduler, and the RNGs.
+def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, scheduler, lookahead=None) -> TrainState:
+    """Restore a verified checkpoint into the prepared model, optimizer and scheduler (and the Lookahead copy when
+    the run has one), and the RNGs.
 
     Each file is loaded from the bytes whose sha256 was just checked against `state.json`; a file that
     `state.json` does not list is not loaded (see `_verified_bytes`).
@@ -190,6 +200,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, sche
         scheduler.load_state_dict(tensors("scheduler.pt"))
         if load_scaler:
             accelerator.scaler.load_state_dict(tensors(SCALER_FILE))
+        if lookahead is not None:
+            lookahead.load_state_dict(load_safetensors(_verified_bytes(path, record, LOOKAHEAD_FILE)))
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}") from None
     if record.get("num_processes") != accelerator.num_processes:

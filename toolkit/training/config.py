@@ -25,6 +25,12 @@ from toolkit.core.errors import ConfigError, first_line
 DATA_SOURCES = ("cifar10", "imagefolder", "synthetic")
 SCHEDULES = ("none", "onecycle", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
+# --mixed-precision auto: bf16 where the device computes it natively (a GPU with bf16, a CPU with AVX-512 BF16 or
+# AMX), else fp32 (toolkit.training.accelerator.resolve_precision).
+PRECISION_CHOICES = (*PRECISIONS, "auto")
+# Test-time augmentation: the views each image is classified from, their logits averaged
+# (toolkit.core.images.tta_views).
+TTA_LEVELS = ("none", "flip", "flip-translate")
 ON_NAN = ("stop", "skip")
 HELD_OUT_SPLITS = ("test", "val")  # what evaluate and verify can score; test falls back to val when absent
 
@@ -60,7 +66,9 @@ class DataConfig:
     val_fraction: float = _field(
         0.1, "fraction of each training class held out (the last images of the class) for validation"
     )
-    augment: bool = _field(False, "random crop (4 px zero padding) and horizontal flip on training batches")
+    augment: bool = _field(False, "random crop (--crop-padding px zero padding) and horizontal flip on training batches")
+    crop_padding: int = _field(4, "pixels of zero padding on each side before the random 32×32 crop (--augment): "
+                                  "the largest shift, in pixels")
     synthetic_train_size: int = _field(2000, "images in the synthetic training split (before the val hold-out)")
     synthetic_test_size: int = _field(500, "images in the synthetic test split")
 
@@ -68,6 +76,7 @@ class DataConfig:
         _check(self.data in DATA_SOURCES, "data", f"unknown source {self.data!r}; choose from {DATA_SOURCES}")
         _check(bool(self.data_dir), "data_dir", "must not be empty")
         _check(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(0 <= self.crop_padding <= 16, "crop_padding", f"must be in [0, 16] pixels, got {self.crop_padding}")
         _check(self.synthetic_train_size >= 10, "synthetic_train_size", f"must be >= 10, got {self.synthetic_train_size}")
         _check(self.synthetic_test_size >= 1, "synthetic_test_size", f"must be >= 1, got {self.synthetic_test_size}")
 
@@ -79,7 +88,13 @@ class OptimConfig:
     lr: float = _field(0.001, "peak learning rate")
     momentum: float = _field(0.9, "SGD momentum")
     nesterov: bool = _field(False, "Nesterov momentum")
-    weight_decay: float = _field(0.0, "L2 weight decay")
+    weight_decay: float = _field(0.0, "L2 weight decay (with --decoupled-weight-decay: the fraction of each weight "
+                                      "removed per optimizer step at the peak LR)")
+    decoupled_weight_decay: bool = _field(
+        False, "weight decay independent of each parameter group's LR: every weight shrinks by --weight-decay × "
+        "the schedule's multiplier per step, also where --norm-lr-scale raises the LR")
+    norm_lr_scale: float = _field(1.0, "LR multiplier for the parameters of normalization layers (BatchNorm, "
+                                       "GroupNorm, LayerNorm, ...): airbench trains its BatchNorm biases at 64×")
     schedule: str = _field(
         "none",
         "learning-rate schedule over all optimizer steps: none (constant), onecycle (linear warm-up "
@@ -87,6 +102,14 @@ class OptimConfig:
         choices=SCHEDULES,
     )
     warmup_fraction: float = _field(0.2, "fraction of optimizer steps spent warming up (onecycle, cosine)")
+    lr_start: float = _field(0.04, "LR at the start of the warm-up, as a fraction of --lr (onecycle, cosine)")
+    lr_end: float = _field(0.0, "LR at the last step, as a fraction of --lr (onecycle, cosine)")
+    lookahead_every: int = _field(
+        0, "Lookahead with an EMA: every K optimizer steps the weights (and BatchNorm statistics) are blended into a "
+        "slow copy and reset to it; the last step ends on the copy (0: off)")
+    lookahead_decay: float = _field(
+        0.95, "per-step decay of the Lookahead copy at the end of the run (a blend every K steps keeps decay^K of "
+        "the copy); it ramps up from 0 as (step / total steps)^3, so early training is not slowed")
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing")
     grad_accum_steps: int = _field(1, "micro-batches accumulated per optimizer step")
 
@@ -97,6 +120,11 @@ class OptimConfig:
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.schedule in SCHEDULES, "schedule", f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
         _check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        _check(0.0 <= self.lr_start <= 1.0, "lr_start", f"must be in [0, 1], got {self.lr_start}")
+        _check(0.0 <= self.lr_end <= 1.0, "lr_end", f"must be in [0, 1], got {self.lr_end}")
+        _check(self.norm_lr_scale > 0, "norm_lr_scale", f"must be > 0, got {self.norm_lr_scale}")
+        _check(self.lookahead_every >= 0, "lookahead_every", f"must be >= 0, got {self.lookahead_every}")
+        _check(0.0 <= self.lookahead_decay < 1.0, "lookahead_decay", f"must be in [0, 1), got {self.lookahead_decay}")
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         _check(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
 
@@ -106,7 +134,7 @@ class TrainConfig:
     """A training run: model, length, precision, run folder and checkpoints."""
 
     recipe: str = _field("fast", "named set of defaults: seed = the tutorial exactly, fast = tuned on a 2-core CPU, "
-                                 "gpu = large batch for a GPU")
+                                 "gpu = large batch for a GPU, speednet = airbench94's recipe for --model speednet")
     model: str = _field("tutorial", "a built-in model (tutorial, resnet18, speednet) or your own as "
                                     "package.module:factory, a callable factory(num_classes) -> torch.nn.Module")
     epochs: int = _field(2, "passes over the training split; with --resume it may differ from the checkpoint's run "
@@ -115,9 +143,19 @@ class TrainConfig:
     batch_size: int = _field(4, "images per process per micro-batch (global batch = this x processes x accumulation)")
     eval_batch_size: int = _field(1000, "images per process per evaluation batch")
     mixed_precision: str | None = _field(
-        None, "autocast precision: no (fp32), bf16 (CPU and GPU) or fp16 (GPU only); when not given, what the launcher "
-        "says (accelerate launch --mixed_precision or its config file, ACCELERATE_MIXED_PRECISION), else no",
-        choices=PRECISIONS)
+        None, "autocast precision: no (fp32), bf16 (CPU and GPU), fp16 (GPU only) or auto (bf16 where the device "
+        "computes it natively: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else no); when not given, what the "
+        "launcher says (accelerate launch --mixed_precision or its config file, ACCELERATE_MIXED_PRECISION), else no",
+        choices=PRECISION_CHOICES)
+    channels_last: bool = _field(False, "model weights and image batches in channels-last memory layout (NHWC): the "
+                                        "layout oneDNN and cuDNN convolve fastest in bf16/fp16")
+    whiten_images: int = _field(
+        0, "initialize the model's first convolution from this many training images as a patch-whitening filter "
+        "bank (the patch covariance's eigenvectors scaled by 1/sqrt(eigenvalue), and their negatives when the layer "
+        "has twice as many filters as a patch has values); 0: the model's own init")
+    tta: str = _field("none", "test-time augmentation of the final evaluation: none, flip (the image and its mirror) "
+                              "or flip-translate (also shifted 1 px up-left and down-right, 6 views); logits averaged",
+                      choices=TTA_LEVELS)
     seed: int = _field(0, "seed for initialization, data order and augmentation")
     compile: bool = _field(False, "torch.compile the model's training forward and backward (inductor; on CUDA also "
                                   "CUDA graphs, mode reduce-overhead); the first steps compile, about 10-60 s")
@@ -156,8 +194,10 @@ class TrainConfig:
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        _check(self.mixed_precision is None or self.mixed_precision in PRECISIONS, "mixed_precision",
-               f"unknown precision {self.mixed_precision!r}; choose from {PRECISIONS}")
+        _check(self.mixed_precision is None or self.mixed_precision in PRECISION_CHOICES, "mixed_precision",
+               f"unknown precision {self.mixed_precision!r}; choose from {PRECISION_CHOICES}")
+        _check(self.whiten_images >= 0, "whiten_images", f"must be >= 0, got {self.whiten_images}")
+        _check(self.tta in TTA_LEVELS, "tta", f"unknown level {self.tta!r}; choose from {TTA_LEVELS}")
         _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -200,6 +240,33 @@ RECIPES: dict[str, dict[str, Any]] = {
 # The large-batch recipe for GPUs: the fast recipe at a batch where a GPU is not launch-bound, the
 # learning rate scaled with it (see README for the sweep).
 RECIPES["gpu"] = {**RECIPES["fast"], "batch_size": 512, "lr": 0.2, "epochs": 40}
+# airbench94's training recipe (Keller Jordan, cifar10-airbench) for its network, `--model speednet`, in this
+# trainer's terms. Its loss is summed over the batch, ours averaged: LR 11.5 / (1024 · (1 + 1 / (1 - 0.85))) per
+# summed image is 1.5 per batch of 1024; its decoupled weight decay 0.0153 · 1024 / 7851 = 0.002 per step.
+RECIPES["speednet"] = {
+    "model": "speednet",
+    "epochs": 10,
+    "batch_size": 1024,
+    "augment": True,
+    "crop_padding": 2,  # airbench translates by up to 2 px
+    "lr": 1.5,
+    "momentum": 0.85,
+    "nesterov": True,
+    "weight_decay": 0.002,
+    "decoupled_weight_decay": True,
+    "norm_lr_scale": 64.0,
+    "schedule": "onecycle",
+    "warmup_fraction": 0.23,
+    "lr_start": 0.2,
+    "lr_end": 0.07,
+    "label_smoothing": 0.2,
+    "lookahead_every": 5,
+    "lookahead_decay": 0.95,
+    "whiten_images": 5000,
+    "tta": "flip-translate",
+    "channels_last": True,
+    "mixed_precision": "auto",
+}
 
 _GROUPS = {"data": DataConfig, "optim": OptimConfig}
 
@@ -207,9 +274,9 @@ _GROUPS = {"data": DataConfig, "optim": OptimConfig}
 # position (epoch and batches done) mean something only under the config that wrote them, so a resumed run's config
 # must equal the checkpoint's (toolkit.training.runs.check_resume), except in these fields, which change how the
 # remaining steps are run, logged, checkpointed or checked, not what they compute:
-RESUME_MAY_CHANGE = ("recipe", "eval_batch_size", "compile", "deterministic", "output_dir", "checkpoint_every",
-                     "keep_checkpoints", "overwrite", "resume", "log_every", "threads", "on_nan", "max_nan_skips",
-                     "quiet", "log_with", "dist_timeout", "expect_processes", "cache_dir", "download")
+RESUME_MAY_CHANGE = ("recipe", "eval_batch_size", "compile", "deterministic", "channels_last", "tta", "output_dir",
+                     "checkpoint_every", "keep_checkpoints", "overwrite", "resume", "log_every", "threads", "on_nan",
+                     "max_nan_skips", "quiet", "log_with", "dist_timeout", "expect_processes", "cache_dir", "download")
 # ... and in the run's length, which may grow, or shrink down to the checkpoint's position: the LR schedule is then
 # rebuilt over the new total (toolkit.training.optim.fit_schedule). Every other field must match; mixed_precision is
 # compared as the precision the run really uses (the launcher's when the field is unset).

@@ -41,7 +41,7 @@ from toolkit.core.errors import DataError, first_line
 from toolkit.core.images import IMAGE_EXTENSIONS, IMAGE_SIZE, MEAN, STD, decode_image
 from toolkit.training.config import DataConfig
 
-CROP_PADDING = 4  # pixels of zero padding before the random 32×32 crop
+CROP_PADDING = 4  # default pixels of zero padding before the random 32×32 crop (--crop-padding)
 _CACHE_VERSION = 1  # bump when the cached tensor layout changes
 
 
@@ -104,15 +104,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float().div_(255.0) - mean) / std
 
 
-def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+                  padding: int = CROP_PADDING) -> torch.Tensor:
     """Random-crop-with-padding and horizontal flip for a whole uint8 batch in one gather, on its device.
 
-    `offsets` N×2 are the (row, col) of each crop in the padded image, in [0, 2*CROP_PADDING];
-    `flips` N bool. Matches torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip.
+    `offsets` N×2 are the (row, col) of each crop in the padded image, in [0, 2*padding];
+    `flips` N bool. Matches torchvision's RandomCrop(32, padding=padding) + RandomHorizontalFlip.
     """
     n, _, h, w = images.shape
     device = images.device
-    padded = torch.nn.functional.pad(images, (CROP_PADDING,) * 4)
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
     rows = offsets[:, 0:1] + torch.arange(h, device=device)  # N×H
     cols = offsets[:, 1:2] + torch.arange(w, device=device)  # N×W
     cols = torch.where(flips[:, None], cols.flip(1), cols)
@@ -128,11 +129,12 @@ class BatchedImages(Dataset):
     """
 
     def __init__(self, split: Split, augment: bool = False, seed: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", crop_padding: int = CROP_PADDING) -> None:
         self.device = torch.device(device)
         self.images = split.images.to(self.device)  # once per split: ~150 MB for CIFAR-10's training set
         self.labels = split.labels.to(self.device)
         self.augment = augment
+        self.crop_padding = crop_padding
         self.seed = seed
         self.set_epoch(0)
 
@@ -145,7 +147,7 @@ class BatchedImages(Dataset):
             return
         g = torch.Generator().manual_seed(_mix(self.seed, epoch, stream=1))
         n = len(self.labels)
-        self.offsets = torch.randint(0, 2 * CROP_PADDING + 1, (n, 2), generator=g).to(self.device)
+        self.offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g).to(self.device)
         self.flips = torch.randint(0, 2, (n,), generator=g).bool().to(self.device)
 
     def __len__(self) -> int:
@@ -160,7 +162,7 @@ class BatchedImages(Dataset):
             index = index.to(self.device)
         images = self.images[index]
         if self.augment:
-            images = crop_and_flip(images, self.offsets[index], self.flips[index])
+            images = crop_and_flip(images, self.offsets[index], self.flips[index], self.crop_padding)
         return normalize(images), self.labels[index]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,9 +203,9 @@ def _already_batched(batch):
 
 
 def make_loader(split: Split, batch_size: int, *, shuffle: bool, augment: bool = False,
-                seed: int = 0, device: torch.device | str = "cpu") -> DataLoader:
+                seed: int = 0, device: torch.device | str = "cpu", crop_padding: int = CROP_PADDING) -> DataLoader:
     """A DataLoader over `split` yielding (float32 normalized N×3×32×32, int64 N) batches on `device`."""
-    dataset = BatchedImages(split, augment=augment, seed=seed, device=device)
+    dataset = BatchedImages(split, augment=augment, seed=seed, device=device, crop_padding=crop_padding)
     sampler = EpochPermutation(len(split), seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_already_batched)
 

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from toolkit.core.files import write_json_atomic
+from toolkit.core.images import tta_logits
 from toolkit.training.accelerator import wants_cpu
 from toolkit.training.data import load_held_out, make_loader
 from toolkit.training.runs import MODEL, RunRecord, load_model
@@ -30,6 +31,7 @@ class EvalResult:
     classes: list[str]
     split: str = "test"
     loss: float | None = None
+    tta: str = "none"  # the test-time augmentation the logits were averaged over (toolkit.core.images.TTA_VIEWS)
 
     @property
     def n(self) -> int:
@@ -53,12 +55,14 @@ class EvalResult:
             "classes": self.classes,
             "confusion": self.confusion.tolist(),
             "loss": self.loss,
+            "tta": self.tta,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EvalResult:
         """The inverse of `to_json` (the derived fields are recomputed from the confusion matrix)."""
-        return cls(torch.tensor(d["confusion"], dtype=torch.long), list(d["classes"]), d["split"], d.get("loss"))
+        return cls(torch.tensor(d["confusion"], dtype=torch.long), list(d["classes"]), d["split"], d.get("loss"),
+                   d.get("tta", "none"))
 
     @classmethod
     def read(cls, path: Path) -> EvalResult:
@@ -70,7 +74,8 @@ class EvalResult:
 
     def format(self) -> str:
         """The tutorial's report, plus the confusion matrix."""
-        lines = [f"Accuracy of the network on the {self.n} {self.split} images: {100 * self.accuracy:.1f} %"]
+        views = "" if self.tta == "none" else f" (test-time augmentation: {self.tta})"
+        lines = [f"Accuracy of the network on the {self.n} {self.split} images: {100 * self.accuracy:.1f} %{views}"]
         width = max(len(c) for c in self.classes)
         lines += [f"Accuracy for class: {c:<{width}s} is {100 * a:.1f} %" for c, a in self.per_class.items()]
         lines.append("Confusion matrix (rows: true class, columns: predicted):")
@@ -83,8 +88,9 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator: Accelerator, classes: list[str],
-             split: str = "test") -> EvalResult:
-    """Run `model` over a prepared `loader`; every process returns the same, exact totals."""
+             split: str = "test", tta: str = "none") -> EvalResult:
+    """Run `model` over a prepared `loader`, averaging its logits over the views of `tta` (`tta_logits`); every
+    process returns the same, exact totals."""
     was_training = model.training
     model.eval()
     num_classes = len(classes)
@@ -92,7 +98,7 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, classes: list[s
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for images, labels in loader:
         with accelerator.autocast():
-            logits = model(images)
+            logits = tta_logits(model, images, tta)
         losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
         preds, labels, losses = accelerator.gather_for_metrics((logits.argmax(dim=1), labels, losses))
         # Counted by comparison rather than bincount or scatter: exact and deterministic on every device
@@ -103,13 +109,14 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, classes: list[s
     model.train(was_training)
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = int(confusion.sum())
-    return EvalResult(confusion, classes, split, float(loss_sum) / n if n else None)
+    return EvalResult(confusion, classes, split, float(loss_sum) / n if n else None, tta)
 
 
 def evaluate_run(run_dir: Path, data_overrides: dict[str, Any], split: str = "test",
-                 json_out: Path | None = None, model: str | None = None) -> EvalResult:
+                 json_out: Path | None = None, model: str | None = None, tta: str | None = None) -> EvalResult:
     """`toolkit evaluate`: the run's final weights on a split of its data (or of `data_overrides`); `model` is
-    the model the user names (`--model`), needed for a user's model (`toolkit.training.runs.rebuild_model`)."""
+    the model the user names (`--model`), needed for a user's model (`toolkit.training.runs.rebuild_model`);
+    `tta` the test-time augmentation (default: the run's `--tta`)."""
     cfg = RunRecord.read(run_dir).config
     trained = load_model(run_dir / MODEL, model=model)
     held, note = load_held_out(dataclasses.replace(cfg.data, **data_overrides), trained.classes, split)
@@ -117,7 +124,7 @@ def evaluate_run(run_dir: Path, data_overrides: dict[str, Any], split: str = "te
     model, loader = accelerator.prepare(trained.model, make_loader(held, cfg.eval_batch_size, shuffle=False))
     if note:
         accelerator.print(f"note: {note}")
-    result = evaluate(model, loader, accelerator, trained.classes, held.name)
+    result = evaluate(model, loader, accelerator, trained.classes, held.name, cfg.tta if tta is None else tta)
     accelerator.print(result.format())
     if json_out is not None and accelerator.is_main_process:
         result.write(json_out)

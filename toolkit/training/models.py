@@ -222,5 +222,39 @@ def check_output(model: nn.Module, name: str, num_classes: int) -> None:
                           "N × classes logits")
 
 
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    """The model's first 2-D convolution in module order, and its name; a `ConfigError` when it has none."""
+    found = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if found is None:
+        raise ConfigError("--whiten-images: the model has no Conv2d layer to initialize")
+    return found
+
+
+@torch.no_grad()
+def init_whitening(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set the first convolution's filters to whiten its input patches (airbench's data-dependent init).
+
+    `images` are normalized N×3×H×W training images. Every kh×kw patch is a vector of d = channels·kh·kw values;
+    the filters become the eigenvectors of the patches' d×d covariance scaled by 1/sqrt(eigenvalue + eps), largest
+    first, so the layer's outputs are decorrelated with unit variance. A layer with 2d filters gets the d filters and
+    their negatives (after a GELU or ReLU both signs of each component survive); with d or fewer, the leading ones.
+    Its bias, if any, is left as initialized."""
+    name, conv = first_conv(model)
+    channels, kh, kw = conv.weight.shape[1:]
+    d = channels * kh * kw
+    if conv.groups != 1 or channels != images.shape[1] or conv.out_channels not in (*range(1, d + 1), 2 * d):
+        raise ConfigError(f"--whiten-images: the first convolution ({name}: {conv.in_channels}->{conv.out_channels}, "
+                          f"{kh}×{kw}, groups {conv.groups}) cannot hold a whitening of {images.shape[1]}-channel "
+                          f"patches: it needs groups 1 and at most {d} or exactly {2 * d} filters")
+    patches = images.double().unfold(2, kh, 1).unfold(3, kw, 1)  # N×C×H'×W'×kh×kw
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, d)  # one row per patch, in the weight's C,kh,kw order
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    order = eigenvalues.argsort(descending=True)
+    filters = (eigenvectors[:, order] / torch.sqrt(eigenvalues[order] + eps)).T.reshape(d, channels, kh, kw)
+    if conv.out_channels == 2 * d:
+        filters = torch.cat([filters, -filters])
+    conv.weight.copy_(filters[:conv.out_channels].to(conv.weight.dtype))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

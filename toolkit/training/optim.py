@@ -1,4 +1,5 @@
-"""The optimizer (SGD with momentum, as in the tutorial) and its learning-rate schedule."""
+"""The optimizer (SGD with momentum, as in the tutorial), its parameter groups, its learning-rate schedule,
+and Lookahead weights."""
 
 from __future__ import annotations
 
@@ -14,24 +15,50 @@ from toolkit.training.config import OptimConfig
 class LRSchedule:
     """Learning-rate multiplier as a function of the optimizer step (picklable, for LambdaLR).
 
-    onecycle: linear warm-up from 1/25 to 1, then linear decay to 0 at `total_steps`;
-    cosine:   linear warm-up from 1/25 to 1, then cosine decay to 0; none: constant 1.
+    onecycle: linear warm-up from `start` to 1, then linear decay to `end` at `total_steps`;
+    cosine:   linear warm-up from `start` to 1, then cosine decay to `end`; none: constant 1.
     """
 
-    def __init__(self, kind: str, total_steps: int, warmup_fraction: float) -> None:
+    def __init__(self, kind: str, total_steps: int, warmup_fraction: float, start: float = 1 / 25,
+                 end: float = 0.0) -> None:
         self.kind = kind
         self.total_steps = max(total_steps, 1)
         self.warmup_steps = int(warmup_fraction * total_steps)
+        self.start, self.end = start, end
 
     def __call__(self, step: int) -> float:
         if self.kind == "none":
             return 1.0
         if step < self.warmup_steps:
-            return 1 / 25 + (1 - 1 / 25) * step / self.warmup_steps
+            return self.start + (1 - self.start) * step / self.warmup_steps
         progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
-        if self.kind == "onecycle":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        decay = 1.0 - progress if self.kind == "onecycle" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.end + (1.0 - self.end) * decay
+
+    @classmethod
+    def of(cls, cfg: OptimConfig, total_steps: int) -> LRSchedule:
+        return cls(cfg.schedule, total_steps, cfg.warmup_fraction, cfg.lr_start, cfg.lr_end)
+
+
+# Layers whose parameters are a normalization's scale and shift (`OptimConfig.norm_lr_scale`).
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The trainable parameters in SGD groups: normalization layers' (LR × `norm_lr_scale`), then the rest.
+
+    With `decoupled_weight_decay`, a group's decay coefficient is `weight_decay / its LR`: SGD multiplies it by the
+    group's scheduled LR, so every weight shrinks by `weight_decay` × the schedule's multiplier per step, whatever
+    its group's LR. Otherwise it is the L2 coefficient `weight_decay` for every group."""
+    norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for params, lr in (([p for p in trainable if id(p) in norm], cfg.lr * cfg.norm_lr_scale),
+                       ([p for p in trainable if id(p) not in norm], cfg.lr)):
+        if params:
+            decay = cfg.weight_decay / lr if cfg.decoupled_weight_decay else cfg.weight_decay
+            groups.append({"params": params, "lr": lr, "weight_decay": decay})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
@@ -42,18 +69,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     identical (0 · momentum + gradient = gradient), and a first step skipped on the device cannot
     leave them uninitialized (the fused kernel allocates them with `empty_like` before it skips).
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay, fused=True)
     if cfg.momentum:
-        for p in model.parameters():
-            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
     return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
     """Stepped once per optimizer step, on the unwrapped optimizer: the LR is a function of the step
     alone (a scheduler passed through `accelerator.prepare` would step num_processes times per call)."""
-    return LambdaLR(optimizer, LRSchedule(cfg.schedule, total_steps, cfg.warmup_fraction))
+    return LambdaLR(optimizer, LRSchedule.of(cfg, total_steps))
 
 
 def fit_schedule(scheduler: LambdaLR, cfg: OptimConfig, total_steps: int) -> int:
@@ -67,7 +95,44 @@ def fit_schedule(scheduler: LambdaLR, cfg: OptimConfig, total_steps: int) -> int
     new length). With the checkpoint's length nothing changes, to the bit.
     """
     before = scheduler.lr_lambdas[0].total_steps
-    scheduler.lr_lambdas = [LRSchedule(cfg.schedule, total_steps, cfg.warmup_fraction) for _ in scheduler.lr_lambdas]
+    scheduler.lr_lambdas = [LRSchedule.of(cfg, total_steps) for _ in scheduler.lr_lambdas]
     scheduler.last_epoch -= 1
     scheduler.step()  # the LR of step `last_epoch` again, from the new schedule
     return before
+
+
+class Lookahead:
+    """A slow copy of the model's floating-point state (weights and BatchNorm statistics) that the weights are
+    pulled back to (`OptimConfig.lookahead_every`, `lookahead_decay`; airbench's Lookahead-style EMA).
+
+    Every `every` optimizer steps the copy moves towards the weights, keeping `decay^every · (step / total)^3`
+    of itself, and the weights are set to the copy; at the last step the weights become the copy. The ramp keeps
+    the copy out of the way early, when the weights move fast, and makes it an average late, when they jitter
+    around a minimum. All on the device: no host reads.
+    """
+
+    def __init__(self, model: nn.Module, every: int, decay: float) -> None:
+        self.every, self.decay = every, decay
+        state = model.state_dict()
+        self.names = [k for k, v in state.items() if v.is_floating_point()]
+        self.current = [state[k] for k in self.names]  # the model's own tensors, updated in place
+        self.copy = [v.detach().clone() for v in self.current]
+
+    @torch.no_grad()
+    def step(self, global_step: int, total_steps: int) -> None:
+        """After optimizer step `global_step` of `total_steps`."""
+        if global_step % self.every == 0:
+            kept = self.decay ** self.every * min(global_step / total_steps, 1.0) ** 3
+            torch._foreach_lerp_(self.copy, self.current, 1.0 - kept)
+            torch._foreach_copy_(self.current, self.copy)
+        if global_step >= total_steps:
+            torch._foreach_copy_(self.current, self.copy)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.copy))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if sorted(state) != sorted(self.names):
+            raise ValueError(f"Lookahead copy holds {sorted(state)}, the model {sorted(self.names)}")
+        with torch.no_grad():
+            torch._foreach_copy_(self.copy, [state[k] for k in self.names])

@@ -40,7 +40,7 @@ from toolkit import __version__
 from toolkit.core.errors import (CheckpointError, ConfigError, DivergenceError, Interrupted, ToolkitError, exit_code,
                                  first_line)
 from toolkit.core.files import write_json_atomic
-from toolkit.training.checkpoint import STATE_FILE, find_latest, list_checkpoints, verify_checkpoint
+from toolkit.training.checkpoint import STATE_FILE, find_latest, list_checkpoints, safetensors_state, verify_checkpoint
 from toolkit.training.config import TrainConfig, resume_differences, train_config_from_dict
 from toolkit.training.models import build_model
 from toolkit.training.status import STATUS_FILE, Holder, RunLock, RunStatus, now
@@ -148,7 +148,7 @@ class RunRecord:
 def save_model(model: nn.Module, path: Path, model_name: str, classes: list[str]) -> None:
     """Final weights with what is needed to rebuild the module (written atomically)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(model.state_dict(), tmp, metadata={"model": model_name, "classes": json.dumps(classes)})
+    save_file(safetensors_state(model.state_dict()), tmp, metadata={"model": model_name, "classes": json.dumps(classes)})
     os.replace(tmp, path)
 
 

@@ -40,11 +40,11 @@ from toolkit.core.errors import DivergenceError, Interrupted
 from toolkit.training.accelerator import open_run, resolve_precision
 from toolkit.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from toolkit.training.config import TrainConfig
-from toolkit.training.data import Splits, load_splits, make_loader
+from toolkit.training.data import Split, Splits, load_splits, make_loader, normalize
 from toolkit.training.evaluate import EvalResult, evaluate
 from toolkit.training.metrics import MetricLogger
-from toolkit.training.models import build_model
-from toolkit.training.optim import build_optimizer, build_scheduler, fit_schedule
+from toolkit.training.models import build_model, init_whitening
+from toolkit.training.optim import Lookahead, build_optimizer, build_scheduler, fit_schedule
 from toolkit.training.runs import CHECKPOINTS, EVAL, METRICS, MODEL, DataInfo, ResumeInfo, ResumePoint, RunInfo, \
     RunRecord, RunSession, check_resume_data, prepare_run_folder, save_model, versions
 from toolkit.training.signals import GracefulStop
@@ -77,6 +77,7 @@ class Loop:
     run_dir: Path
     total_steps: int
     compile_mode: str | None  # torch.compile mode, None without --compile
+    lookahead: Lookahead | None  # with --lookahead-every
     state: TrainState = field(default_factory=TrainState)
     record: RunRecord | None = None  # config.json's record, once written; every checkpoint carries it
 
@@ -86,7 +87,8 @@ class Loop:
 
     def checkpoint(self) -> None:
         save_checkpoint(self.accelerator, self.run_dir / CHECKPOINTS, self.state, self.model, self.optimizer,
-                        self.scheduler, self.cfg.keep_checkpoints, self.record.to_json() if self.record else None)
+                        self.scheduler, self.cfg.keep_checkpoints, self.record.to_json() if self.record else None,
+                        self.lookahead)
 
 
 class StepFlags:
@@ -168,29 +170,43 @@ def train(cfg: TrainConfig, session: RunSession | None = None) -> TrainResult:
 
 
 def build_loop(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, splits: Splits) -> Loop:
-    """Model, optimizer and training loader (its images on the device), prepared; the LR schedule over
-    the run's optimizer steps; the compiled forward with --compile."""
+    """Model (its first layer whitened with --whiten-images, channels-last with --channels-last), optimizer and
+    training loader (its images on the device), prepared; the LR schedule over the run's optimizer steps; the
+    Lookahead copy; the compiled forward with --compile."""
     model = build_model(cfg.model, len(splits.train.classes), import_code=True)  # the user named it
+    if cfg.whiten_images:
+        init_whitening(model, _sample(splits.train, cfg.whiten_images, cfg.seed))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
     train_dl = make_loader(splits.train, cfg.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,
-                           device=accelerator.device)
+                           device=accelerator.device, crop_padding=cfg.data.crop_padding)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     steps_per_epoch = math.ceil(len(train_dl) / cfg.optim.grad_accum_steps)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
     scheduler = build_scheduler(optimizer.optimizer, cfg.optim, total_steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    lookahead = Lookahead(accelerator.unwrap_model(model), cfg.optim.lookahead_every, cfg.optim.lookahead_decay) \
+        if cfg.optim.lookahead_every else None
     # CUDA graphs replay a whole forward/backward with one launch: on a GPU this net is launch-bound.
     compile_mode = ("reduce-overhead" if accelerator.device.type == "cuda" else "default") if cfg.compile else None
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     return Loop(cfg, accelerator, model, forward, optimizer, scheduler, loss_fn, train_dl, run_dir, total_steps,
-                compile_mode)
+                compile_mode, lookahead)
+
+
+def _sample(split: Split, n: int, seed: int) -> torch.Tensor:
+    """`n` normalized images of `split` drawn by `seed` (the same on every process), for data-dependent init."""
+    index = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+    return normalize(split.images[index])
 
 
 def _resume(loop: Loop, start: ResumePoint, data: DataInfo) -> list[ResumeInfo]:
     """Restore the checkpoint into the loop and fit its LR schedule to this run's length (`fit_schedule`); return
     the resumes that led here, this one last."""
     check_resume_data(start, data)
-    loop.state = load_checkpoint(loop.accelerator, start.path, loop.model, loop.optimizer, loop.scheduler)
+    loop.state = load_checkpoint(loop.accelerator, start.path, loop.model, loop.optimizer, loop.scheduler,
+                                 loop.lookahead)
     before = fit_schedule(loop.scheduler, loop.cfg.optim, loop.total_steps)
     resume = ResumeInfo(step=loop.state.global_step, checkpoint=str(start.path),
                         checkpoint_epochs=start.record.config.epochs if start.record else None, epochs=loop.cfg.epochs,
@@ -251,7 +267,7 @@ def _finish(loop: Loop, eval_dl, classes: list[str], split: str) -> EvalResult:
     accelerator = loop.accelerator
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(loop.model), loop.run_dir / MODEL, loop.cfg.model, classes)
-    result = evaluate(loop.model, eval_dl, accelerator, classes, split)
+    result = evaluate(loop.model, eval_dl, accelerator, classes, split, loop.cfg.tta)
     if accelerator.is_main_process:
         result.write(loop.run_dir / EVAL)
     accelerator.print(result.format())
@@ -309,6 +325,8 @@ def train_one_epoch(loop: Loop, logger: MetricLogger, stop: GracefulStop) -> Non
     loop.model.train()
     starts_step = True  # the next micro-batch is the first of an optimizer step (of its accumulation window)
     for images, labels in batches:
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if starts_step and loop.compile_mode == "reduce-overhead":
             # Once marked, CUDA graphs begin a new step only when marked again, and a new step may reuse the
             # memory of the previous step's outputs. Autograd keeps the gradients of a window's first micro-batch,
@@ -324,6 +342,8 @@ def train_one_epoch(loop: Loop, logger: MetricLogger, stop: GracefulStop) -> Non
             continue
         loop.scheduler.step()
         state.global_step += 1
+        if loop.lookahead:
+            loop.lookahead.step(state.global_step, loop.total_steps)
         checkpoint_due = bool(cfg.checkpoint_every) and state.global_step % cfg.checkpoint_every == 0
         if not (flags.due(state.global_step) or checkpoint_due or logger.due(state.global_step) or loop.done
                 or state.batches_done == len(loop.train_dl)):
