@@ -1,4 +1,4 @@
-"""`make gpu-check OUT=DIR DATA_DIR=...`: what a reviewer runs on a lent GPU machine, in about 6 minutes.
+"""`make gpu-check OUT=DIR DATA_DIR=...`: what a reviewer runs on a lent GPU machine, in about 8 minutes.
 
 The machine is offline and comes with torch, accelerate, onnx, onnxruntime, pytest and pytest-benchmark;
 the toolkit is installed with `pip install --no-deps --no-build-isolation -e .`. Steps, each recorded
@@ -15,6 +15,10 @@ with the command that ran it:
    (warm-up, compilation).
 3. Time to accuracy of the large-batch GPU recipe: `toolkit train --recipe gpu`, validation accuracy
    after every epoch against training seconds.
+4. The speed net's recipe to accuracy, timed as airbench times it: `toolkit train --recipe speednet --compile`
+   for SPEEDNET_SEEDS seeds; accuracy of the final evaluation (with its test-time augmentation), and the
+   trainer's training seconds: data already on the device, the clock read after the device finished
+   (each flag read waits for it, as CUDA events would), the compile warm-up excluded (its own record).
 
 Writes DIR/gpu-check.json (every figure with its command) and DIR/gpu-check.md (the tables for the README).
 
@@ -23,7 +27,7 @@ steps per run), in under a minute on a 2-core CPU: on a GPU a smoke run before t
 one (or with ACCELERATE_USE_CPU=1) the same stages on the CPU, which is how CI tests this script. Step 1
 is then `benchmarks/test_gpu.py`'s train_step cases of the device, timed at tiny size; step 2 one batch
 size and the precisions the device trains in (--compile on a GPU only: on the CPU it compiles for about
-a minute); step 3 two epochs.
+a minute); step 3 two epochs; step 4 one seed of one epoch, uncompiled on the CPU.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT_EPOCHS = 2  # images/s from the second: the first compiles, allocates and warms caches
 LOG_WINDOWS_PER_EPOCH = 4
 TARGET_ACCURACY = 0.70
+SPEEDNET_SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ def throughput(plan: Plan, out: Path, data: list[str], train_images: int) -> lis
         rows.append({"precision": "fp32" if precision == "no" else precision, "batch": batch, "compile": compiled,
                      "images_per_s": speed, "step_ms": 1e3 * batch / speed if speed else None,
                      "windows": len(steps), **{k: result[k] for k in ("command", "exit_code", "wall_s")}})
-        print(f"gpu-check: {name}: {speed and round(speed):,} images/s (exit {result['exit_code']})", flush=True)
+        print(f"gpu-check: {name}: {_number(speed)} images/s (exit {result['exit_code']})", flush=True)
     return rows
 
 
@@ -135,6 +140,30 @@ def time_to_accuracy(plan: Plan, out: Path, data: list[str]) -> dict[str, Any]:
             "train_seconds": final and final["train_seconds"],
             "seconds_to_target": reached and reached["train_seconds"], "target": TARGET_ACCURACY,
             "curve": [[r["epoch"], r["train_seconds"], r["val_accuracy"]] for r in epochs]}
+
+
+def speednet(plan: Plan, out: Path, data: list[str]) -> dict[str, Any]:
+    """Step 4: the speednet recipe's accuracy and training seconds per seed, and their means."""
+    extra = ["--epochs", "1"] + (["--compile"] if plan.device == "cuda" else []) if plan.quick else ["--compile"]
+    runs = []
+    for seed in range(1 if plan.quick else SPEEDNET_SEEDS):
+        name = f"speednet-seed{seed}"
+        result = _train(plan, out, name, data, ["--recipe", "speednet", "--seed", str(seed), "--log-every", "1000000",
+                                                *extra], timeout=600)
+        records = result.pop("records")
+        epochs = [r for r in records if r["kind"] == "epoch"]
+        compiled = next((r["seconds"] for r in records if r["kind"] == "compile"), None)
+        evaluation = out / "runs" / name / "eval.json"
+        accuracy = json.loads(evaluation.read_text())["accuracy"] if evaluation.is_file() else None
+        runs.append({"seed": seed, "accuracy": accuracy, "train_seconds": epochs[-1]["train_seconds"] if epochs
+                     else None, "compile_seconds": compiled, **{k: result[k] for k in ("command", "exit_code",
+                                                                                        "wall_s")}})
+        print(f"gpu-check: {name}: accuracy {accuracy}, {runs[-1]['train_seconds']} s (exit {result['exit_code']})",
+              flush=True)
+    done = [r for r in runs if r["exit_code"] == 0 and r["accuracy"] is not None]
+    return {"runs": runs, "exit_code": max(r["exit_code"] for r in runs),
+            "mean_accuracy": statistics.mean(r["accuracy"] for r in done) if done else None,
+            "mean_train_seconds": statistics.mean(r["train_seconds"] for r in done) if done else None}
 
 
 def gpu_tests(plan: Plan, out: Path) -> dict[str, Any]:
@@ -182,6 +211,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"`{tta['command']}`: {tta['epochs']} epochs, final validation accuracy "
                   f"{_number(100 * final if final is not None else None, 1)} % after {_number(tta['train_seconds'], 1)} s "
                   f"of training; {100 * tta['target']:.0f} % reached after {_number(tta['seconds_to_target'], 1)} s.", ""]
+    if speed := report["speednet"]:
+        lines += ["| `toolkit train --recipe speednet` | accuracy (with TTA) | training s | compile warm-up s |",
+                  "|---|---|---|---|"]
+        lines += [f"| seed {r['seed']} | {_number(100 * r['accuracy'] if r['accuracy'] is not None else None, 2)} % | "
+                  f"{_number(r['train_seconds'], 2)} | {_number(r['compile_seconds'], 1)} |" for r in speed["runs"]]
+        mean = speed["mean_accuracy"]
+        lines += [f"| mean | {_number(100 * mean if mean is not None else None, 2)} % | "
+                  f"{_number(speed['mean_train_seconds'], 2)} | |", ""]
     if tests and tests["benchmarks"]:
         lines += ["| benchmark | batch | median ms | images/s |", "|---|---|---|---|"]
         lines += [f"| {b['label']} | {b['batch']} | {b['median_ms']:.3f} | {_number(b['images_per_s'])} |"
@@ -230,17 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     report: dict[str, Any] = {"date": _dt.date.today().isoformat(), "device": device, "quick": args.quick,
                               "environment": environment(), "data": described, "gpu_tests": {}, "throughput": [],
-                              "time_to_accuracy": {}, "wall_s": 0.0}
+                              "time_to_accuracy": {}, "speednet": {}, "wall_s": 0.0}
     stages = (("gpu_tests", lambda: gpu_tests(plan, out)),  # first: it also decodes the data into the cache
               ("throughput", lambda: throughput(plan, out, data, train_images)),
-              ("time_to_accuracy", lambda: time_to_accuracy(plan, out, data)))
+              ("time_to_accuracy", lambda: time_to_accuracy(plan, out, data)),
+              ("speednet", lambda: speednet(plan, out, data)))
     for key, stage in stages:
         report[key] = stage()
         report["wall_s"] = time.perf_counter() - start
         (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")  # after every stage: a
         (out / "gpu-check.md").write_text(markdown(report))  # stopped check still leaves what it measured
     print(markdown(report))
-    failed = [step for step in ("gpu_tests", "time_to_accuracy") if report[step]["exit_code"] != 0] + \
+    failed = [step for step in ("gpu_tests", "time_to_accuracy", "speednet") if report[step]["exit_code"] != 0] + \
         [f"throughput {r['precision']} b{r['batch']}" for r in report["throughput"] if r["exit_code"] != 0]
     if failed:
         print(f"gpu-check: error: failed: {', '.join(failed)} (logs in {out})", file=sys.stderr)

@@ -217,8 +217,10 @@ def _notes(row: dict[str, Any]) -> str:
         tta = info.get("time_to_accuracy") or {}
         reached = [f"{100 * float(t):.0f} % at {s:.0f} s" for t, s in tta.items() if s is not None]
         final = info.get("final_val_accuracy")
+        evaluated = info.get("eval_accuracy")
         return (f"final val acc {_percent(final)} after {_num(info.get('train_seconds'))} s training "
                 f"({info.get('epochs')} epochs, batch {info.get('batch')})"
+                + (f", final evaluation {_percent(evaluated)}" if evaluated is not None else "")
                 + ("; " + ", ".join(reached) if reached else ""))
     if kind == "launch":
         return f"global batch {info.get('global_batch')}, {info.get('steps')} steps; images/s from metrics.jsonl"

@@ -20,9 +20,12 @@
   process × all cores vs B/2 × 2 processes × 1 thread each), `--max-steps 240`; images/s is the
   median of the trainer's own `metrics.jsonl` windows (40 steps each) after the first; the
   benchmark's time is the whole launch, start-up included.
-- `test_time_to_accuracy[fast|seed]`: `toolkit train --recipe fast` (its own epochs) and `--recipe
-  seed` (the tutorial: 2 epochs at batch 4) on the shared real data, all cores; the validation accuracy
-  after each epoch against the training seconds so far. Skipped without the real data.
+- `test_time_to_accuracy[fast|seed|speednet]`: `toolkit train --recipe fast` (its own epochs), `--recipe
+  seed` (the tutorial: 2 epochs at batch 4) and `--recipe speednet` shortened to SPEEDNET_BENCH_EPOCHS
+  epochs (its schedule fitted to them; the full recipe takes about 20 minutes on 2 cores, more than the
+  whole `make bench` may) on the shared real data, all cores; the validation accuracy after each epoch
+  against the training seconds so far, and the final evaluation (with the recipe's test-time
+  augmentation). Skipped without the real data.
 
 FLOPs of training: 3 × forward per image (benchmarks/flops.py); shares are of the fp32 matmul peak
 at the same thread count (this CPU has no bf16 matrix units, so fp32 is the fair yardstick).
@@ -54,7 +57,9 @@ from toolkit.training.train import train_step
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}  # benchmark id -> --mixed-precision
 EPOCH_BATCH = int(RECIPES["fast"].get("batch_size", 64))  # the tutorial's loader is measured at the same size
 TUTORIAL_WORKERS = 2  # the tutorial's DataLoader(num_workers=2)
-ACCURACY_THRESHOLDS = (0.40, 0.50, 0.55, 0.60, 0.65, 0.70)
+ACCURACY_THRESHOLDS = (0.40, 0.50, 0.55, 0.60, 0.65, 0.70, 0.80, 0.85, 0.90)
+SPEEDNET_BENCH_EPOCHS = 2
+RECIPE_BENCH_ARGS = {"fast": [], "seed": [], "speednet": ["--epochs", str(SPEEDNET_BENCH_EPOCHS)]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +279,7 @@ def test_time_to_accuracy_helper() -> None:
     assert out == {"0.40": 10.0, "0.50": 20.0, "0.60": None}
 
 
-@pytest.mark.parametrize("recipe", ["fast", "seed"])
+@pytest.mark.parametrize("recipe", list(RECIPE_BENCH_ARGS))
 def test_time_to_accuracy(benchmark, scale: Scale, tmp_path: Path, recipe: str) -> None:
     import json
 
@@ -283,12 +288,12 @@ def test_time_to_accuracy(benchmark, scale: Scale, tmp_path: Path, recipe: str) 
         if real is None:
             pytest.skip("time-to-accuracy needs the shared real CIFAR-10 split (set TOOLKIT_BENCH_DATA; "
                         "expected DIR/train/<class>/*.jpg)")
-        args = ["--data", "imagefolder", "--data-dir", str(real)]
+        args = ["--data", "imagefolder", "--data-dir", str(real), *RECIPE_BENCH_ARGS[recipe]]
         data = "real"
     else:  # tiny smoke run of the same code on synthetic data
         args = ["--data", "synthetic", "--synthetic-train-size", "300", "--synthetic-test-size", "50",
                 "--val-fraction", "0.2", "--cache-dir", str(tmp_path / "cache"),
-                "--epochs", "2" if recipe == "fast" else "1"]
+                "--epochs", "1" if recipe == "seed" else "2"]
         data = "synthetic"
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "toolkit", "train", "--recipe", recipe, *args, "--threads", str(THREADS_ALL),
@@ -310,7 +315,8 @@ def test_time_to_accuracy(benchmark, scale: Scale, tmp_path: Path, recipe: str) 
     final = json.loads((run / "eval.json").read_text())
     config = json.loads((run / "config.json").read_text())
     benchmark.extra_info.update(
-        kind="time_to_accuracy", label=f"toolkit train --recipe {recipe}", recipe=recipe, data=data,
+        kind="time_to_accuracy", label=" ".join(["toolkit train --recipe", recipe, *RECIPE_BENCH_ARGS[recipe]]),
+        recipe=recipe, data=data,
         threads=THREADS_ALL, epochs=len(epochs), batch=config.get("batch_size"),
         train_seconds=epochs[-1]["train_seconds"], wall_seconds=wall,
         final_val_accuracy=epochs[-1]["val_accuracy"], eval_accuracy=final.get("accuracy"),

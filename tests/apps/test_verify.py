@@ -278,3 +278,16 @@ def test_old_verify_json_without_providers_or_agreement_still_reads(tmp_path: Pa
 def test_verify_on_a_provider_this_machine_lacks_is_one_line(copy: Path, capsys) -> None:
     assert_clean_error(cli(capsys, "verify", copy, "--provider", "cuda"), "--provider cuda",
                        "has no CUDAExecutionProvider")
+
+
+def test_verify_with_tta_runs_every_format_on_the_same_views(exported: Export, tmp_path: Path, capsys) -> None:
+    proc = cli(capsys, "verify", exported.dir, "--tta", "flip-translate", "--json-out", tmp_path / "verify.json")
+    assert_ok(proc)
+    assert proc.stdout.splitlines()[0].endswith(", test-time augmentation flip-translate")
+    report = json.loads((tmp_path / "verify.json").read_text())
+    assert report["passed"] and report["tta"] == "flip-translate" and list(report["formats"]) == ROWS
+    # The views change eager's logits, so its reference is the averaged one: the fp32 formats still match it.
+    plain = VerifyReport.read(tmp_path / "verify.json")
+    assert plain.tta == "flip-translate"
+    for name in EXACT:
+        assert report["formats"][name]["agreement"] == 1.0, name

@@ -30,9 +30,13 @@ def test_the_quick_check_runs_every_stage_on_the_cpu(tmp_path) -> None:
     assert all(r["images_per_s"] > 0 and r["windows"] >= 4 for r in rows), rows  # the second epoch's windows
     tta = report["time_to_accuracy"]
     assert tta["exit_code"] == 0 and tta["epochs"] == 2 and [e for e, _, _ in tta["curve"]] == [1, 2], tta
+    speed = report["speednet"]
+    assert speed["exit_code"] == 0 and [r["seed"] for r in speed["runs"]] == [0], speed
+    assert 0 <= speed["mean_accuracy"] <= 1 and speed["mean_train_seconds"] > 0
+    assert "--recipe speednet --seed 0" in speed["runs"][0]["command"]
     markdown = (out / "gpu-check.md").read_text()
     assert markdown.startswith("GPU check (--quick) of ") and " on the CPU: " in markdown
-    assert "| fp32 | 64 |" in markdown and "| cpu train_step bf16 batch 64 | 64 |" in markdown
+    assert "| fp32 | 64 |" in markdown and "| seed 0 | " in markdown and "| cpu train_step bf16 batch 64 | 64 |" in markdown
     assert markdown in proc.stdout
     assert str(tmp_path) not in (out / "gpu-check.json").read_text()  # commands name the folder OUT
 

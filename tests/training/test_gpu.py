@@ -21,11 +21,11 @@ from toolkit.training.accelerator import PRECISIONS_ON
 from toolkit.training.checkpoint import SCALER_FILE, list_checkpoints
 from toolkit.training.config import DataConfig, OptimConfig, TrainConfig
 from toolkit.training.data import load_splits, make_loader, make_synthetic
-from toolkit.training.metrics import MetricLogger
+from toolkit.training.metrics import MetricLogger, read_metrics
 from toolkit.training.models import build_model
 from toolkit.training.optim import build_optimizer
 from toolkit.training.signals import GracefulStop
-from toolkit.training.train import StepFlags, build_loop, train_one_epoch, train_step
+from toolkit.training.train import StepFlags, build_loop, train_one_epoch, train_step, warm_up
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -129,6 +129,29 @@ def test_a_cuda_graph_step_begins_with_each_optimizer_step(fresh_accelerate, tmp
     assert begun == list(range(0, 8, accum))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_compile_warm_up_leaves_weights_statistics_rng_and_optimizer_as_they_were(fresh_accelerate, tmp_path,
+                                                                                      device: str) -> None:
+    """The warm-up runs training-mode passes (BatchNorm statistics move, dropout draws from the RNG) and
+    computes gradients; the run must continue as if it had not happened. The forward stays uncompiled here:
+    what is checked is what the warm-up restores (the slow test below compiles for real)."""
+    cfg = TrainConfig(model="speednet", epochs=1, batch_size=32, log_every=1000, quiet=True, channels_last=True,
+                      data=DataConfig(data="synthetic", synthetic_train_size=100, val_fraction=0))
+    accelerator = Accelerator(cpu=device == "cpu")
+    loop = build_loop(cfg, accelerator, tmp_path, load_splits(cfg.data))
+    loop.compile_mode = "reduce-overhead" if device == "cuda" else "default"
+    before = {k: v.clone() for k, v in loop.model.state_dict().items()}
+    optimizer = {id(p): v["momentum_buffer"].clone() for p, v in loop.optimizer.optimizer.state.items()}
+    rng = torch.get_rng_state()
+    assert warm_up(loop) > 0
+    after = loop.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any("running_mean" in k for k in before)  # the statistics a training-mode forward moves
+    assert all(p.grad is None for p in loop.model.parameters())
+    assert all(torch.equal(optimizer[id(p)], v["momentum_buffer"]) for p, v in loop.optimizer.optimizer.state.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 @pytest.mark.parametrize("device", devices(pytest.mark.slow))  # the CPU compiles for about a minute
 def test_compile_with_gradient_accumulation_trains_like_the_uncompiled_run(tmp_path, device: str) -> None:
     args = [*TINY, "--epochs", "2", "--batch-size", "50", "--grad-accum-steps", "2", "--lr", "0.1", "--augment"]
@@ -137,6 +160,7 @@ def test_compile_with_gradient_accumulation_trains_like_the_uncompiled_run(tmp_p
     assert_ok(run_cli("train", *args, "--compile", "--output-dir", str(compiled), env=device_env(device), timeout=900))
     runtime = load_json(compiled / "config.json")["runtime"]
     assert runtime["device"].startswith(device)
+    assert [r["step"] for r in read_metrics(compiled) if r["kind"] == "compile"] == [0]  # warmed up before step 1
     assert runtime["compile_mode"] == ("reduce-overhead" if device == "cuda" else "default")
     a, b = weights(eager / "model.safetensors"), weights(compiled / "model.safetensors")
     # A micro-batch's gradients lost or overwritten move these weights by 1e-3 to 3e-2 within the first epoch

@@ -16,7 +16,7 @@ def _net() -> nn.Module:
 def test_normalization_parameters_get_their_own_lr_and_frozen_ones_none():
     model = SpeedNet()
     groups = param_groups(model, OptimConfig(lr=0.5, norm_lr_scale=64.0))
-    norm, rest = groups
+    rest, norm = groups  # the base group first: its LR is the one logged
     assert norm["lr"] == 32.0 and rest["lr"] == 0.5
     # Only the BatchNorm biases train (their scales are frozen), and the frozen whitening weights are in no group.
     biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}

@@ -69,6 +69,12 @@ def _tolerance_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
                         help=f"{prefix}relative logit tolerance of fp32 formats (default {formats.LOGIT_RTOL:g})")
 
 
+def _tta_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--tta", choices=TTA_LEVELS, default=None,
+                        help=f"test-time augmentation: logits averaged over views of each image, flip (2 views) or "
+                             f"flip-translate (6); {default}")
+
+
 def _model_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="the model of the weights (default: the one they name); needed for your own model, "
@@ -123,8 +129,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _data_flags(p)
     p.add_argument("--split", choices=HELD_OUT_SPLITS, default=HELD_OUT_SPLITS[0])
     p.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
-    p.add_argument("--tta", choices=TTA_LEVELS, default=None,
-                   help="test-time augmentation: logits averaged over views of each image (default: the run's --tta)")
+    _tta_flag(p, "default: the run's --tta")
     _model_flag(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -149,6 +154,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=HELD_OUT_SPLITS, default=HELD_OUT_SPLITS[0])
     p.add_argument("--json-out", type=Path, default=None, help="also write the report as JSON here")
     _tolerance_flags(p)
+    _tta_flag(p, "every format, eager included, classifies each image from these views (default: none)")
     _threads_flag(p)
     _provider_flag(p)
     _model_flag(p)
@@ -243,7 +249,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from toolkit.apps.verify import verify_and_report  # per command: imports torch
 
     verify_and_report(args.export_dir, _data_overrides(args), args.split, args.atol, args.rtol, args.json_out,
-                      args.threads, provider=args.provider, model=args.model)
+                      args.threads, provider=args.provider, model=args.model, tta=args.tta or "none")
     return 0
 
 

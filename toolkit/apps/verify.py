@@ -43,6 +43,7 @@ from toolkit.artifacts.formats import AccuracyTolerance
 from toolkit.artifacts.manifest import MANIFEST, Manifest, hash_mismatch
 from toolkit.core.errors import ConfigError, DataError, VerificationError
 from toolkit.core.files import write_json_atomic
+from toolkit.core.images import tta_logits
 from toolkit.training.config import DataConfig
 from toolkit.training.data import Split, load_held_out
 from toolkit.training.evaluate import EvalResult
@@ -112,6 +113,7 @@ class VerifyReport:
     results: list[FormatResult]
     note: str | None = None
     provider: str = DEFAULT_PROVIDER  # `--provider`: where ONNX Runtime was asked to run
+    tta: str = "none"  # `--tta`: every format's logits averaged over these views (toolkit.core.images.TTA_VIEWS)
 
     @property
     def passed(self) -> bool:
@@ -120,13 +122,13 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         return {"export_dir": str(self.export_dir), "split": self.split, "n": self.n, "classes": self.classes,
                 "atol": self.atol, "rtol": self.rtol, "provider": self.provider, "passed": self.passed,
-                "note": self.note, "formats": {r.name: r.to_json() for r in self.results}}
+                "note": self.note, "tta": self.tta, "formats": {r.name: r.to_json() for r in self.results}}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VerifyReport:
         return cls(Path(d["export_dir"]), d["split"], d["n"], list(d["classes"]), d["atol"], d["rtol"],
                    [FormatResult.from_json(name, r) for name, r in d["formats"].items()], d.get("note"),
-                   d.get("provider", DEFAULT_PROVIDER))
+                   d.get("provider", DEFAULT_PROVIDER), d.get("tta", "none"))
 
     def write(self, path: Path) -> None:
         """verify.json (or `--json-out`): `to_json()`, indented, written atomically."""
@@ -141,7 +143,9 @@ class VerifyReport:
         short = [c[:6] for c in self.classes]
         header = (f"{'format':<12s} {'max|Δlogit|':>11s} {'agree %':>8s} {'acc %':>6s} "
                   + " ".join(f"{s:>6s}" for s in short) + "  result")
-        lines = [f"verify {self.export_dir}: {self.split} split, {self.n} images, ONNX Runtime provider {self.provider}",
+        views = "" if self.tta == "none" else f", test-time augmentation {self.tta}"
+        lines = [f"verify {self.export_dir}: {self.split} split, {self.n} images, ONNX Runtime provider {self.provider}"
+                 + views,
                  f"  fp32 formats: {formats.LogitTolerance(self.atol, self.rtol).describe()}"]
         lines += [f"  {r.name}: {r.tolerance} (reduced precision)" for r in self.results if formats.by_accuracy(r.name)]
         if self.note:
@@ -235,11 +239,12 @@ def compare(name: str, file: str, logits: np.ndarray, reference: np.ndarray, lab
     return result
 
 
-def run_backend(backend: Backend, images: torch.Tensor, batch_size: int = _BATCH) -> np.ndarray:
-    """Logits for uint8 N×3×32×32 `images`, preprocessed with the backend's own metadata."""
+def run_backend(backend: Backend, images: torch.Tensor, batch_size: int = _BATCH, tta: str = "none") -> np.ndarray:
+    """Logits for uint8 N×3×32×32 `images`, preprocessed with the backend's own metadata, averaged over the views
+    of `tta` (the same views `toolkit evaluate --tta` classifies)."""
     batch_size = min(batch_size, backend.max_batch or batch_size)
-    return np.concatenate([backend.predict_logits(backend.metadata.normalize(images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+    return np.concatenate([tta_logits(backend.predict_logits, backend.metadata.normalize(images[i:i + batch_size]),
+                                      tta) for i in range(0, len(images), batch_size)])
 
 
 def load_verification_split(manifest: Manifest, data_overrides: dict[str, Any],
@@ -255,10 +260,11 @@ def load_verification_split(manifest: Manifest, data_overrides: dict[str, Any],
 
 def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
                   atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, threads: int | None = None,
-                  provider: str = DEFAULT_PROVIDER, model: str | None = None) -> VerifyReport:
+                  provider: str = DEFAULT_PROVIDER, model: str | None = None, tta: str = "none") -> VerifyReport:
     """Run the eager model and every artifact listed in the export's manifest over a split; compare.
 
-    `provider` chooses where ONNX Runtime runs the .onnx files; torch formats run on the CPU.
+    `provider` chooses where ONNX Runtime runs the .onnx files; torch formats run on the CPU. With `tta`, every
+    format, eager included, classifies each image from the same test-time-augmentation views.
     """
     if atol < 0 or rtol < 0:
         raise ConfigError(f"--atol/--rtol: must be >= 0, got {atol:g} and {rtol:g}")
@@ -287,7 +293,7 @@ def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None
         backend = load_backend(export_dir / name, threads=threads,
                                provider=provider if fmt.runtime == "onnxruntime" else "cpu", check_hash=fmt.program,
                                model=model)
-        logits = run_backend(backend, held.images)
+        logits = run_backend(backend, held.images, tta=tta)
         reference = logits.astype(np.float64) if reference is None else reference
         accuracy = fmt.tolerance if fmt.by_accuracy else None
         result = compare(backend.name, name, logits, reference, labels, classes, atol, rtol, hash_ok, accuracy)
@@ -295,7 +301,7 @@ def verify_export(export_dir: Path, data_overrides: dict[str, Any] | None = None
         if backend.classes != classes:
             result.failures.append(f"class names in the file {backend.classes} differ from manifest.json's {classes}")
         results.append(result)
-    return VerifyReport(export_dir, held.name, len(held), classes, atol, rtol, results, note, provider)
+    return VerifyReport(export_dir, held.name, len(held), classes, atol, rtol, results, note, provider, tta)
 
 
 def _not_loaded(row: str, file: str, classes: list[str], problem: str) -> FormatResult:
@@ -308,13 +314,13 @@ def _not_loaded(row: str, file: str, classes: list[str], problem: str) -> Format
 def verify_and_report(export_dir: Path, data_overrides: dict[str, Any] | None = None, split: str = "test",
                       atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, json_out: Path | None = None,
                       threads: int | None = None, log: Callable[[str], None] = print,
-                      provider: str = DEFAULT_PROVIDER, model: str | None = None) -> VerifyReport:
+                      provider: str = DEFAULT_PROVIDER, model: str | None = None, tta: str = "none") -> VerifyReport:
     """`toolkit verify`: print the table, write the JSON, then raise `VerificationError` if a format failed."""
     export_dir = Path(export_dir)
     if json_out is not None and json_out.resolve().parent == export_dir.resolve() \
             and json_out.name in {MANIFEST, *(f.file for f in formats.FORMATS)}:
         raise ConfigError(f"--json-out {json_out}: would overwrite an artifact of the export being verified")
-    report = verify_export(export_dir, data_overrides, split, atol, rtol, threads, provider, model)
+    report = verify_export(export_dir, data_overrides, split, atol, rtol, threads, provider, model, tta)
     log(report.format())
     if json_out is not None:
         report.write(json_out)

@@ -3,7 +3,9 @@
 metrics.jsonl holds one JSON object per line:
   {"kind": "step", "step", "epoch", "loss", "lr", "images_per_s", "train_seconds"}   every --log-every steps
   {"kind": "epoch", "epoch", "step", "train_loss", "train_seconds", "val_accuracy", "val_loss"}
-`train_seconds` counts time spent in training steps only (not evaluation, not checkpoint writes).
+  {"kind": "compile", "step", "seconds"}   with --compile: the warm-up that compiled the step, before the clock
+`train_seconds` counts time spent in training steps only (not evaluation, not checkpoint writes, not the
+--compile warm-up).
 A run killed while appending a record can leave its last line torn: readers drop a line that is not a
 complete JSON object, with a warning naming the file and line.
 """
@@ -135,6 +137,11 @@ class MetricLogger:
         self.progress.write(f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f}"
                             + (f", val accuracy {100 * val:.1f} %" if val is not None else "")
                             + f", {record['train_seconds']:.1f} s training")
+
+    def compiled(self, step: int, seconds: float) -> None:
+        """The --compile warm-up's record (see the module docstring), plus a line for people."""
+        self._write({"kind": "compile", "step": step, "seconds": round(seconds, 3)}, step, [])
+        self.progress.write(f"compiled the training step in {seconds:.1f} s (not counted as training time)")
 
     def _write(self, record: dict[str, Any], step: int, tracked) -> None:
         if self.file is not None:

@@ -45,7 +45,8 @@ NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """The trainable parameters in SGD groups: normalization layers' (LR × `norm_lr_scale`), then the rest.
+    """The trainable parameters in SGD groups: all but the normalization layers' (at `lr`: the LR the logs show),
+    then the normalization layers' (LR × `norm_lr_scale`).
 
     With `decoupled_weight_decay`, a group's decay coefficient is `weight_decay / its LR`: SGD multiplies it by the
     group's scheduled LR, so every weight shrinks by `weight_decay` × the schedule's multiplier per step, whatever
@@ -53,8 +54,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = []
-    for params, lr in (([p for p in trainable if id(p) in norm], cfg.lr * cfg.norm_lr_scale),
-                       ([p for p in trainable if id(p) not in norm], cfg.lr)):
+    for params, lr in (([p for p in trainable if id(p) not in norm], cfg.lr),
+                       ([p for p in trainable if id(p) in norm], cfg.lr * cfg.norm_lr_scale)):
         if params:
             decay = cfg.weight_decay / lr if cfg.decoupled_weight_decay else cfg.weight_decay
             groups.append({"params": params, "lr": lr, "weight_decay": decay})

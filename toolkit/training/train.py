@@ -158,6 +158,8 @@ def train(cfg: TrainConfig, session: RunSession | None = None) -> TrainResult:
     logger = MetricLogger(accelerator, run_dir / METRICS, loop.state.global_step if cfg.resume else None,
                           loop.state.global_step, loop.total_steps, cfg.epochs, cfg.log_every, cfg.quiet,
                           loop.state.train_seconds)
+    if loop.compile_mode:
+        logger.compiled(loop.state.global_step, warm_up(loop))
     with GracefulStop() as stop:
         while loop.state.epoch < cfg.epochs and not loop.done:
             train_one_epoch(loop, logger, stop)
@@ -199,6 +201,41 @@ def _sample(split: Split, n: int, seed: int) -> torch.Tensor:
     """`n` normalized images of `split` drawn by `seed` (the same on every process), for data-dependent init."""
     index = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
     return normalize(split.images[index])
+
+
+WARM_UP_PASSES = 3  # forward/backward passes that compile the step; CUDA graphs record on the third
+
+
+def warm_up(loop: Loop) -> float:
+    """With --compile: compile the training forward and backward before the clock starts (as airbench times its
+    runs), on a full batch of training images; return the seconds it took.
+
+    Only gradients are computed, and then dropped: the optimizer never steps. What a training-mode forward
+    changes (BatchNorm statistics, the RNG state that dropout draws from) is restored, so the run continues
+    exactly as it would have without the warm-up."""
+    model, accelerator = loop.model, loop.accelerator
+    start = time.perf_counter()
+    saved = {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    dataset = loop.train_dl.dataset
+    images, labels = dataset.__getitems__(list(range(min(loop.cfg.batch_size, len(dataset)))))
+    if loop.cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    model.train()
+    for _ in range(WARM_UP_PASSES):
+        if loop.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = loop.loss_fn(loop.forward(images).float(), labels)  # as train_step calls it: the same graph
+        loss.backward()
+        loop.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in accelerator.unwrap_model(model).state_dict().items():
+            v.copy_(saved[k])
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    loss.item()  # waits for the device: the warm-up's time ends here
+    return time.perf_counter() - start
 
 
 def _resume(loop: Loop, start: ResumePoint, data: DataInfo) -> list[ResumeInfo]:
