@@ -16,6 +16,11 @@ timed call) and `extra_info`, which the benchmark suite fills:
   own metrics, not from the wall time), `share_of_matmul_peak`, `gflops`, `final_val_accuracy`,
   `time_to_accuracy`, `bytes`, `images`.
 
+- serving rows (`kind == "serving"`, benchmarks/test_serving.py): `server` (noop, naive, serve), `batch` (images
+  per request) and `levels`, one `toolkit loadtest` level each (`concurrency`, `infer_per_s`, `images_per_s`,
+  `latency_ms` p50/p99, `errors`, `server_avg_batch`); each level's requests/s is also shown as a share of the
+  no-op server's at the same batch and concurrency in the same file (the HTTP floor).
+
 `--json` prints the inference rows as `{backend, batch, threads, median_ms, images_per_s,
 speedup_vs_eager}` (plus `file` when several files are given); otherwise a Markdown report is
 printed and a PNG bar chart written.
@@ -45,6 +50,11 @@ TARGET_ORT_BATCH1 = 6.0  # ONNX Runtime batch-1 latency at least 6× lower than 
 TARGET_ORT_BATCH1024 = 3.0  # ONNX Runtime batch-1024 throughput at least 3× eager
 TARGET_WRAPPER_OVERHEAD = 0.10  # Backend.predict_logits at most 10 % slower than InferenceSession.run, batch 1
 TARGET_FAST_VS_PIL = 5.0  # fast training path at least 5× the tutorial DataLoader's images/s
+# `toolkit serve`, single-image requests: at least 70 % of the no-op server's requests/s at concurrency 32, and at
+# least the naive inline server's at every concurrency measured.
+TARGET_SERVE_VS_FLOOR = 0.70
+TARGET_SERVE_FLOOR_CONCURRENCY = 32
+NOOP_SERVER, NAIVE_SERVER, SERVE_SERVER = "noop", "naive", "serve"
 SESSION_SUFFIX = "-session"  # the raw InferenceSession.run row of an ONNX Runtime format
 _ROW_SUFFIXES = ("-device", SESSION_SUFFIX, "-cuda", "-tensorrt")  # what a row adds to its format's name
 
@@ -153,7 +163,7 @@ def load_other_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 info = {**info, "kind": "interface_overhead",
                         "label": f"predict_logits vs InferenceSession.run, batch 1, threads {info['threads']}"}
                 median = info["interleaved_predict_logits_ms"] / 1e3
-            elif info["kind"] == "inference":
+            elif info["kind"] in ("inference", "serving"):
                 continue
             row = {"kind": info["kind"], "label": info.get("label") or info["name"], "median_s": median,
                    "images_per_s": info.get("images_per_s"), "share_of_matmul_peak": info.get("share_of_matmul_peak"),
@@ -163,6 +173,36 @@ def load_other_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
             out.append(row)
     order = {k: i for i, k in enumerate(_KIND_ORDER)}
     out.sort(key=lambda r: (r.get("file", ""), order.get(r["kind"], len(order))))
+    return out
+
+
+def load_serving_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """One row per server, batch and concurrency level of the serving benchmarks: {server, batch, concurrency,
+    infer_per_s, images_per_s, p50_ms, p99_ms, errors, server_avg_batch, share_of_floor} (+ `file`)."""
+    out = []
+    for path in paths:
+        rows = []
+        for info, _ in _benchmarks(load_results(path), Path(path)):
+            if info["kind"] != "serving":
+                continue
+            try:
+                rows += [{"server": str(info["server"]), "batch": int(info["batch"]),
+                          "concurrency": int(level["concurrency"]), "infer_per_s": float(level["infer_per_s"]),
+                          "images_per_s": float(level["images_per_s"]), "p50_ms": level["latency_ms"]["p50"],
+                          "p99_ms": level["latency_ms"]["p99"], "errors": dict(level["errors"]),
+                          "server_avg_batch": level.get("server_avg_batch"), "share_of_floor": None}
+                         for level in info["levels"]]
+            except (KeyError, TypeError, ValueError):
+                raise BenchReportError(f"{path}: serving benchmark {info['name']!r} lacks server/batch/levels "
+                                       "in extra_info") from None
+        floor = {(r["batch"], r["concurrency"]): r["infer_per_s"] for r in rows if r["server"] == NOOP_SERVER}
+        for r in rows:
+            base = floor.get((r["batch"], r["concurrency"]))
+            r["share_of_floor"] = r["infer_per_s"] / base if base else None
+            if len(paths) > 1:
+                r["file"] = str(path)
+        order = {NOOP_SERVER: 0, NAIVE_SERVER: 1, SERVE_SERVER: 2}
+        out += sorted(rows, key=lambda r: (r["batch"], r["concurrency"], order.get(r["server"], 3), r["server"]))
     return out
 
 
@@ -232,7 +272,28 @@ def _notes(row: dict[str, Any]) -> str:
     return ""
 
 
-def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[str]:
+def _serving_targets(serving: Sequence[dict[str, Any]]) -> list[str]:
+    """`toolkit serve` against the no-op floor at concurrency 32 and against the naive server at every level."""
+    single = {(r["server"], r["concurrency"]): r for r in serving if r["batch"] == 1 and "file" not in r}
+    serve = {c: r for (server, c), r in single.items() if server == SERVE_SERVER}
+    lines = []
+    at = serve.get(TARGET_SERVE_FLOOR_CONCURRENCY)
+    if at and at["share_of_floor"] is not None:
+        met = at["share_of_floor"] >= TARGET_SERVE_VS_FLOOR
+        lines.append(f"- toolkit serve, single-image requests, concurrency {TARGET_SERVE_FLOOR_CONCURRENCY}: "
+                     f"≥ {100 * TARGET_SERVE_VS_FLOOR:.0f} % of the no-op server's requests/s: "
+                     f"{_percent(at['share_of_floor'])} — **{'met' if met else 'not met'}**")
+    ratios = [(c, r["infer_per_s"] / single[(NAIVE_SERVER, c)]["infer_per_s"]) for c, r in sorted(serve.items())
+              if (NAIVE_SERVER, c) in single]
+    if ratios:
+        lines.append("- toolkit serve, single-image requests: ≥ the naive inline server's requests/s at every "
+                     "concurrency: " + ", ".join(f"{ratio:.2f}× (concurrency {c})" for c, ratio in ratios)
+                     + f" — **{'met' if min(r for _, r in ratios) >= 1 else 'not met'}**")
+    return lines
+
+
+def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]],
+             serving: Sequence[dict[str, Any]] = ()) -> list[str]:
     """The issue's targets, measured: met only if every comparable row meets it (no cherry-picking)."""
     lines = []
 
@@ -267,6 +328,7 @@ def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[st
     ratios = [(precision, epochs[("fast", precision)] / epochs[("pil", precision)])
               for (path, precision) in epochs if path == "pil" and ("fast", precision) in epochs]
     check("fast training epoch vs the tutorial's PIL DataLoader (images/s, same batch)", ratios, TARGET_FAST_VS_PIL)
+    lines += _serving_targets(serving)
     tta = {r["info"].get("recipe"): r["info"] for r in other if r["kind"] == "time_to_accuracy" and "file" not in r}
     if "fast" in tta and "seed" in tta and tta["seed"].get("final_val_accuracy") is not None:
         goal = tta["seed"]["final_val_accuracy"]
@@ -300,8 +362,9 @@ def _table(header: list[str], rows: list[dict[str, Any]], cells: Callable[[dict[
 
 
 def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | None = None,
-                    machine: str | None = None) -> str:
-    """The inference table (backend × batch), the other results in a second table, and the targets."""
+                    machine: str | None = None, serving: list[dict[str, Any]] | None = None) -> str:
+    """The inference table (backend × batch), the other results in a second table, the serving table, and the
+    targets."""
     out = []
     if machine:
         out += [f"Machine: {machine}", ""]
@@ -314,10 +377,18 @@ def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | No
                       lambda r: [r["label"], str(r["threads"] if r["threads"] is not None else "–"),
                                  _num(r["median_s"]), _num(r["images_per_s"]),
                                  _percent(r["share_of_matmul_peak"]), _notes(r)])
-    targets = _targets(rows, other or [])
+    if serving:
+        out += ["Serving (`toolkit loadtest`, binary requests, client and server on this machine):", ""]
+        out += _table(["server", "images / request", "concurrency", "requests/s", "images/s", "p50 ms", "p99 ms",
+                       "share of no-op", "server batch", "errors"], serving,
+                      lambda r: [r["server"], str(r["batch"]), str(r["concurrency"]), _num(r["infer_per_s"]),
+                                 _num(r["images_per_s"]), _num(r["p50_ms"]), _num(r["p99_ms"]),
+                                 _percent(r["share_of_floor"]), _num(r["server_avg_batch"]),
+                                 ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"])
+    targets = _targets(rows, other or [], serving or [])
     if targets:
         out += ["Targets (this run):", *targets, ""]
-    if not rows and not other:
+    if not rows and not other and not serving:
         out.append("(no toolkit benchmark results in the file)")
     return "\n".join(out).rstrip() + "\n"
 
@@ -369,13 +440,14 @@ def bench_report(files: Sequence[Path] = (), as_json: bool = False, png: Path | 
     paths = [Path(f) for f in files] or [newest_results(results_dir)]
     rows = load_rows(paths)
     other = load_other_rows(paths)
-    if not rows and not other:
+    serving = load_serving_rows(paths)
+    if not rows and not other and not serving:
         raise BenchReportError(f"{', '.join(map(str, paths))}: no benchmark of this suite (no extra_info 'kind')")
     if as_json:
         out(json.dumps(rows, indent=2))
     else:
         machine = describe_machine(paths[-1]) if len(paths) == 1 else None
-        out(render_markdown(rows, other, machine).rstrip("\n"))
+        out(render_markdown(rows, other, machine, serving).rstrip("\n"))
     if rows and not no_png and (png is not None or not as_json):
         target = plot(rows, png if png is not None else paths[-1].with_suffix(".png"))
         log(f"benchmarks.report: chart written to {target}")
