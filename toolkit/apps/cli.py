@@ -176,19 +176,19 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
                                         "concurrency levels: requests/s, images/s, latency percentiles")
     p.add_argument("url", metavar="URL", help="the server's base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="model name as the server lists it, e.g. main-onnx")
-    p.add_argument("--concurrency", default="1,8,32,128",
+    p.add_argument("--concurrency", default="1,8,32,128", metavar="C,C,...",
                    help="comma-separated levels: clients each keeping one request in flight (default 1,8,32,128)")
-    p.add_argument("--duration", dest="duration_s", type=float, default=5.0,
+    p.add_argument("--duration", dest="duration_s", type=float, default=5.0, metavar="S",
                    help="measured seconds per level (default 5)")
-    p.add_argument("--warmup", dest="warmup_s", type=float, default=1.0,
+    p.add_argument("--warmup", dest="warmup_s", type=float, default=1.0, metavar="S",
                    help="seconds per level run before measuring (default 1)")
-    p.add_argument("--batch", type=int, default=1, help="images per request (default 1)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="images per request (default 1)")
     p.add_argument("--json-body", dest="json_body", action="store_true",
                    help="send JSON tensors (default: the binary tensor extension)")
     p.add_argument("--input-dtype", dest="input_dtype", default="fp32", metavar="DTYPE",
                    help="fp32: normalized N×3×32×32; uint8: pixels N×32×32×3 that the server normalizes "
                         "(default fp32)")
-    p.add_argument("--timeout", dest="timeout_s", type=float, default=30.0,
+    p.add_argument("--timeout", dest="timeout_s", type=float, default=30.0, metavar="S",
                    help="seconds before an unanswered request counts as a timeout (default 30)")
     p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="FILE", help="also write the results here")
     p.set_defaults(func=_cmd_loadtest)

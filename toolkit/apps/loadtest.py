@@ -205,8 +205,8 @@ def _output_rows(body: bytes, header_length: str | None) -> int | None:
 # Blocking HTTP for the few requests outside the sweep (metadata, the first infer, /metrics)
 
 
-def _get(config: LoadtestConfig, method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def _request(config: LoadtestConfig, method: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     host, port, prefix, context = _endpoint(config)
     conn = (http.client.HTTPSConnection(host, port, timeout=config.timeout_s, context=context) if context else
             http.client.HTTPConnection(host, port, timeout=config.timeout_s))
@@ -233,7 +233,7 @@ def _error_text(body: bytes) -> str:
 def model_io_names(config: LoadtestConfig) -> tuple[str, str]:
     """(input name, output name) from the model's metadata, `GET /v2/models/{model}`."""
     model_path = f"/v2/models/{quote(config.model, safe='')}"
-    status, _, body = _get(config, "GET", model_path)
+    status, _, body = _request(config, "GET", model_path)
     if status != 200:
         raise LoadtestError(f"{config.url}: model {config.model!r}: {status} {_error_text(body)}")
     try:
@@ -245,10 +245,12 @@ def model_io_names(config: LoadtestConfig) -> tuple[str, str]:
 
 def _first_infer(config: LoadtestConfig, path: str, body: bytes, headers: dict[str, str]) -> None:
     """One request before the sweep: a refusal (wrong datatype, too large) is one error, not a sweep of them."""
-    status, answer_headers, answer = _get(config, "POST", path, body, headers)
+    status, answer_headers, answer = _request(config, "POST", path, body, headers)
     if status != 200:
         raise LoadtestError(f"{config.url}{path}: the server refuses the test's request: {status} {_error_text(answer)}")
     rows = _output_rows(answer, answer_headers.get(HEADER_LENGTH.lower()))
+    if rows is None:
+        raise LoadtestError(f"{config.url}{path}: the answer is not an OIP infer response (no output shape)")
     if rows != config.batch:
         raise LoadtestError(f"{config.url}{path}: the answer holds {rows} output rows for {config.batch} images")
 
@@ -259,7 +261,7 @@ _METRIC = re.compile(rf"^({INFERENCE_COUNT}|{EXEC_COUNT})\{{([^}}]*)\}}\s+(\S+)"
 def server_counts(config: LoadtestConfig) -> tuple[float, float] | None:
     """(images run, model executions) of the model from the server's /metrics; None when it does not export them."""
     try:
-        status, _, body = _get(config, "GET", "/metrics")
+        status, _, body = _request(config, "GET", "/metrics")
     except LoadtestError:
         return None
     return parse_counts(body.decode("utf-8", "replace"), config.model) if status == 200 else None
