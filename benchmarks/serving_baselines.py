@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,12 +251,13 @@ def serving_process(argv: Sequence[str], timeout: float = 120, env: dict[str, st
     is not ready within `timeout` seconds."""
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
                             env={**os.environ, **(env or {})})
-    lines: list[str] = []
+    lines: deque[str] = deque(maxlen=200)  # the server's last lines, for the error message if it fails
+    urls: list[str] = []  # the first URL it printed
     found = threading.Event()
-    reader = threading.Thread(target=lambda: _read_lines(proc, lines, found), daemon=True)
+    reader = threading.Thread(target=_read_lines, args=(proc, lines, urls, found), daemon=True)
     reader.start()
     try:
-        yield Served(_wait_ready(proc, lines, found, time.monotonic() + timeout), proc)
+        yield Served(_wait_ready(proc, lines, urls, found, time.monotonic() + timeout), proc)
     finally:
         proc.terminate()
         try:
@@ -266,21 +268,23 @@ def serving_process(argv: Sequence[str], timeout: float = 120, env: dict[str, st
         reader.join(timeout=5)
 
 
-def _read_lines(proc: subprocess.Popen, lines: list[str], found: threading.Event) -> None:
+def _read_lines(proc: subprocess.Popen, lines: deque[str], urls: list[str], found: threading.Event) -> None:
     for line in proc.stdout:  # ends when the process closes its stdout
         lines.append(line)
-        if URL_PATTERN.search(line):
+        if not urls and (match := URL_PATTERN.search(line)):
+            urls.append(match.group(0))
             found.set()
 
 
-def _wait_ready(proc: subprocess.Popen, lines: list[str], found: threading.Event, deadline: float) -> str:
+def _wait_ready(proc: subprocess.Popen, lines: deque[str], urls: list[str], found: threading.Event,
+                deadline: float) -> str:
     def failure(why: str) -> RuntimeError:
         return RuntimeError(f"{' '.join(proc.args)}: {why}\n{''.join(lines)[-3000:]}")
 
     while not found.wait(0.05):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise failure(f"exited {proc.returncode}" if proc.returncode is not None else "printed no URL in time")
-    url = next(m.group(0) for line in lines if (m := URL_PATTERN.search(line)))
+    url = urls[0]
     while True:  # the server may print its URL before its models are loaded: wait for ready
         try:
             with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=5) as resp:
