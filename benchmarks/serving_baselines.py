@@ -46,7 +46,7 @@ from toolkit.artifacts import formats
 from toolkit.artifacts.backends import load_backend
 from toolkit.artifacts.metadata import INPUT_NAME, OUTPUT_NAME
 from toolkit.core.errors import ToolkitError
-from toolkit.core.images import CHANNELS, HEIGHT, MEAN, STD, WIDTH, normalize
+from toolkit.core.images import CHANNELS, HEIGHT, WIDTH, normalize
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor extension's header (bytes of JSON first)
 # datatype -> (numpy dtype, shape of one image): FP32 normalized NCHW, UINT8 pixels NHWC as images are stored.
@@ -78,7 +78,8 @@ def _tensor_bytes(spec: dict[str, Any], body: bytes, offset: int, count: int, dt
         raise BadRequest(400, f"input {spec.get('name')!r}: binary_data_size {size!r}, expected "
                               f"{count * dtype.itemsize} bytes for its shape and datatype")
     if offset + size > len(body):
-        raise BadRequest(400, f"input {spec.get('name')!r}: body ends after {len(body) - offset} of {size} tensor bytes")
+        raise BadRequest(400, f"input {spec.get('name')!r}: body ends after {len(body) - offset} of {size} "
+                              "tensor bytes")
     return body[offset:offset + size]
 
 

@@ -250,4 +250,5 @@ def test_serving_table_shares_and_targets(tmp_path: Path) -> None:
             "90.0 % — **met**") in text
     # Shares of each one's own floor: 60 % / 80 % at concurrency 1, 90 % / 80 % at 32.
     assert ("- toolkit serve, single-image requests: ≥ the naive inline server's requests/s at every concurrency "
-            "(as shares of the floor beside each): 0.75× (concurrency 1), 1.12× (concurrency 32) — **not met**") in text
+            "(as shares of the floor beside each): 0.75× (concurrency 1), 1.12× (concurrency 32) — **not met**"
+            ) in text

@@ -190,7 +190,8 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
                         "(default fp32)")
     p.add_argument("--timeout", dest="timeout_s", type=float, default=30.0, metavar="S",
                    help="seconds before an unanswered request counts as a timeout (default 30)")
-    p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="FILE", help="also write the results here")
+    p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="FILE",
+                   help="also write the results here")
     p.set_defaults(func=_cmd_loadtest)
 
 

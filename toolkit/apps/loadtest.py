@@ -247,7 +247,8 @@ def _first_infer(config: LoadtestConfig, path: str, body: bytes, headers: dict[s
     """One request before the sweep: a refusal (wrong datatype, too large) is one error, not a sweep of them."""
     status, answer_headers, answer = _request(config, "POST", path, body, headers)
     if status != 200:
-        raise LoadtestError(f"{config.url}{path}: the server refuses the test's request: {status} {_error_text(answer)}")
+        raise LoadtestError(f"{config.url}{path}: the server refuses the test's request: {status} "
+                            f"{_error_text(answer)}")
     rows = _output_rows(answer, answer_headers.get(HEADER_LENGTH.lower()))
     if rows is None:
         raise LoadtestError(f"{config.url}{path}: the answer is not an OIP infer response (no output shape)")
