@@ -81,14 +81,14 @@ def _after_start(action, delay: float):
 
 
 def test_unanswered_requests_count_as_timeouts(noop: Served) -> None:
-    """A server that stops answering (SIGSTOP) for a second: its requests end as `timeout` after 0.3 s each."""
+    """A server that stops answering (SIGSTOP) for 2 s: its requests end as `timeout` after 1 s each."""
     def pause() -> None:
         os.kill(noop.process.pid, signal.SIGSTOP)
-        threading.Timer(1.0, os.kill, (noop.process.pid, signal.SIGCONT)).start()
+        threading.Timer(2.0, os.kill, (noop.process.pid, signal.SIGCONT)).start()
 
     log, timers = _after_start(pause, 0.5)
-    result = run_loadtest(LoadtestConfig(noop.url, "noop", concurrency=(2,), duration_s=2, warmup_s=0.2,
-                                         timeout_s=0.3), log=log)
+    result = run_loadtest(LoadtestConfig(noop.url, "noop", concurrency=(2,), duration_s=3, warmup_s=0.2,
+                                         timeout_s=1.0), log=log)
     timers[0].join()
     assert result.levels[0].errors.get("timeout", 0) >= 2, result.levels[0]
     assert_counts_add_up(result)
