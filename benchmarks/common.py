@@ -73,12 +73,20 @@ class Scale:
     export_rounds: int  # exports timed per format
     verify_images: int  # images `toolkit verify` runs through every format
     verify_rounds: int
+    serving_concurrency: tuple[int, ...]  # `toolkit loadtest` levels of the single-image serving rows
+    serving_rounds: int  # measured windows per level and server, alternating with the no-op floor's
+    serving_seconds: float  # one measured window (s), after serving_warmup_s
+    serving_warmup_s: float
 
 
 FULL = Scale(full=True, seconds=1.0, matmul_seconds=0.5, epoch_images=10_000, epoch_rounds=2,
-             launch_steps=240, launch_log_every=40, export_rounds=3, verify_images=10_000, verify_rounds=3)
+             launch_steps=240, launch_log_every=40, export_rounds=3, verify_images=10_000, verify_rounds=3,
+             serving_concurrency=(1, 8, 32, 128), serving_rounds=3, serving_seconds=1.0,
+             serving_warmup_s=0.5)
 TINY = Scale(full=False, seconds=0.0, matmul_seconds=0.02, epoch_images=128, epoch_rounds=1,
-             launch_steps=4, launch_log_every=2, export_rounds=1, verify_images=200, verify_rounds=1)
+             launch_steps=4, launch_log_every=2, export_rounds=1, verify_images=200, verify_rounds=1,
+             serving_concurrency=(1, 8), serving_rounds=1, serving_seconds=0.3,
+             serving_warmup_s=0.1)
 
 
 @contextlib.contextmanager

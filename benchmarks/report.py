@@ -16,6 +16,12 @@ timed call) and `extra_info`, which the benchmark suite fills:
   own metrics, not from the wall time), `share_of_matmul_peak`, `gflops`, `final_val_accuracy`,
   `time_to_accuracy`, `bytes`, `images`.
 
+- serving rows (`kind == "serving"`, benchmarks/test_serving.py): `server` (naive, serve), `batch` (images per
+  request), `levels` (one `toolkit loadtest` level per round: `concurrency`, `infer_per_s`, `images_per_s`,
+  `latency_ms` p50/p99, `errors`, `server_avg_batch`) and `floor_levels`, the no-op server's rounds, each measured
+  just before the server's round of the same index. A row gives the median over its rounds (errors: the sum),
+  and its share of the floor is the median of the rounds' ratios.
+
 `--json` prints the inference rows as `{backend, batch, threads, median_ms, images_per_s,
 speedup_vs_eager}` (plus `file` when several files are given); otherwise a Markdown report is
 printed and a PNG bar chart written.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -45,6 +52,11 @@ TARGET_ORT_BATCH1 = 6.0  # ONNX Runtime batch-1 latency at least 6× lower than 
 TARGET_ORT_BATCH1024 = 3.0  # ONNX Runtime batch-1024 throughput at least 3× eager
 TARGET_WRAPPER_OVERHEAD = 0.10  # Backend.predict_logits at most 10 % slower than InferenceSession.run, batch 1
 TARGET_FAST_VS_PIL = 5.0  # fast training path at least 5× the tutorial DataLoader's images/s
+# `toolkit serve`, single-image requests: at least 70 % of the no-op server's requests/s at concurrency 32, and at
+# least the naive inline server's at every concurrency measured.
+TARGET_SERVE_VS_FLOOR = 0.70
+TARGET_SERVE_FLOOR_CONCURRENCY = 32
+NAIVE_SERVER, SERVE_SERVER = "naive", "serve"
 SESSION_SUFFIX = "-session"  # the raw InferenceSession.run row of an ONNX Runtime format
 _ROW_SUFFIXES = ("-device", SESSION_SUFFIX, "-cuda", "-tensorrt")  # what a row adds to its format's name
 
@@ -153,7 +165,7 @@ def load_other_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 info = {**info, "kind": "interface_overhead",
                         "label": f"predict_logits vs InferenceSession.run, batch 1, threads {info['threads']}"}
                 median = info["interleaved_predict_logits_ms"] / 1e3
-            elif info["kind"] == "inference":
+            elif info["kind"] in ("inference", "serving"):
                 continue
             row = {"kind": info["kind"], "label": info.get("label") or info["name"], "median_s": median,
                    "images_per_s": info.get("images_per_s"), "share_of_matmul_peak": info.get("share_of_matmul_peak"),
@@ -163,6 +175,53 @@ def load_other_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
             out.append(row)
     order = {k: i for i, k in enumerate(_KIND_ORDER)}
     out.sort(key=lambda r: (r.get("file", ""), order.get(r["kind"], len(order))))
+    return out
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _serving_row(info: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    """The rounds of one serving benchmark at one concurrency, summarized (medians; errors summed)."""
+    rounds = [level for level in info["levels"] if int(level["concurrency"]) == concurrency]
+    floor = [level for level in info["floor_levels"] if int(level["concurrency"]) == concurrency]
+    errors: dict[str, int] = {}
+    for level in rounds:
+        for status, count in level["errors"].items():
+            errors[status] = errors.get(status, 0) + int(count)
+    return {"server": str(info["server"]), "batch": int(info["batch"]), "concurrency": concurrency,
+            "rounds": len(rounds), "infer_per_s": _median(float(r["infer_per_s"]) for r in rounds),
+            "images_per_s": _median(float(r["images_per_s"]) for r in rounds),
+            "p50_ms": _median(r["latency_ms"]["p50"] for r in rounds),
+            "p99_ms": _median(r["latency_ms"]["p99"] for r in rounds), "errors": errors,
+            "server_avg_batch": _median(r.get("server_avg_batch") for r in rounds),
+            "floor_infer_per_s": _median(float(f["infer_per_s"]) for f in floor),
+            "share_of_floor": _median(float(r["infer_per_s"]) / float(f["infer_per_s"])
+                                      for r, f in zip(rounds, floor) if float(f["infer_per_s"]) > 0)}
+
+
+def load_serving_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """One row per server, batch and concurrency level of the serving benchmarks: {server, batch, concurrency,
+    rounds, infer_per_s, images_per_s, p50_ms, p99_ms, errors, server_avg_batch, floor_infer_per_s,
+    share_of_floor} (+ `file`), medians over rounds, the floor being the no-op server measured beside it."""
+    out = []
+    order = {NAIVE_SERVER: 0, SERVE_SERVER: 1}
+    for path in paths:
+        rows = []
+        for info, _ in _benchmarks(load_results(path), Path(path)):
+            if info["kind"] != "serving":
+                continue
+            try:
+                levels = dict.fromkeys(int(level["concurrency"]) for level in info["levels"])
+                rows += [_serving_row(info, concurrency) for concurrency in levels]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise BenchReportError(f"{path}: serving benchmark {info['name']!r} lacks server/batch/levels/"
+                                       "floor_levels in extra_info") from None
+        if len(paths) > 1:
+            rows = [{**r, "file": str(path)} for r in rows]
+        out += sorted(rows, key=lambda r: (r["batch"], r["concurrency"], order.get(r["server"], 2), r["server"]))
     return out
 
 
@@ -234,7 +293,29 @@ def _notes(row: dict[str, Any]) -> str:
     return ""
 
 
-def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[str]:
+def _serving_targets(serving: Sequence[dict[str, Any]]) -> list[str]:
+    """`toolkit serve` against the no-op floor at concurrency 32, and against the naive server at every level
+    (their shares of the floor measured beside each, so that drift between the two cases cancels)."""
+    share = {(r["server"], r["concurrency"]): r["share_of_floor"] for r in serving
+             if r["batch"] == 1 and "file" not in r and r["share_of_floor"] is not None}
+    lines = []
+    at = share.get((SERVE_SERVER, TARGET_SERVE_FLOOR_CONCURRENCY))
+    if at is not None:
+        lines.append(f"- toolkit serve, single-image requests, concurrency {TARGET_SERVE_FLOOR_CONCURRENCY}: "
+                     f"≥ {100 * TARGET_SERVE_VS_FLOOR:.0f} % of the no-op server's requests/s: {_percent(at)} — "
+                     f"**{'met' if at >= TARGET_SERVE_VS_FLOOR else 'not met'}**")
+    ratios = [(c, value / share[(NAIVE_SERVER, c)]) for (server, c), value in sorted(share.items())
+              if server == SERVE_SERVER and share.get((NAIVE_SERVER, c))]
+    if ratios:
+        lines.append("- toolkit serve, single-image requests: ≥ the naive inline server's requests/s at every "
+                     "concurrency (as shares of the floor beside each): "
+                     + ", ".join(f"{ratio:.2f}× (concurrency {c})" for c, ratio in ratios)
+                     + f" — **{'met' if min(r for _, r in ratios) >= 1 else 'not met'}**")
+    return lines
+
+
+def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]],
+             serving: Sequence[dict[str, Any]] = ()) -> list[str]:
     """The issue's targets, measured: met only if every comparable row meets it (no cherry-picking)."""
     lines = []
 
@@ -269,6 +350,7 @@ def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[st
     ratios = [(precision, epochs[("fast", precision)] / epochs[("pil", precision)])
               for (path, precision) in epochs if path == "pil" and ("fast", precision) in epochs]
     check("fast training epoch vs the tutorial's PIL DataLoader (images/s, same batch)", ratios, TARGET_FAST_VS_PIL)
+    lines += _serving_targets(serving)
     tta = {r["info"].get("recipe"): r["info"] for r in other if r["kind"] == "time_to_accuracy" and "file" not in r}
     if "fast" in tta and "seed" in tta and tta["seed"].get("final_val_accuracy") is not None:
         goal = tta["seed"]["final_val_accuracy"]
@@ -302,8 +384,9 @@ def _table(header: list[str], rows: list[dict[str, Any]], cells: Callable[[dict[
 
 
 def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | None = None,
-                    machine: str | None = None) -> str:
-    """The inference table (backend × batch), the other results in a second table, and the targets."""
+                    machine: str | None = None, serving: list[dict[str, Any]] | None = None) -> str:
+    """The inference table (backend × batch), the other results in a second table, the serving table, and the
+    targets."""
     out = []
     if machine:
         out += [f"Machine: {machine}", ""]
@@ -316,10 +399,20 @@ def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | No
                       lambda r: [r["label"], str(r["threads"] if r["threads"] is not None else "–"),
                                  _num(r["median_s"]), _num(r["images_per_s"]),
                                  _percent(r["share_of_matmul_peak"]), _notes(r)])
-    targets = _targets(rows, other or [])
+    if serving:
+        out += ["Serving (`toolkit loadtest`, binary requests, client and server on this machine; medians over "
+                "rounds alternating with the no-op floor's):", ""]
+        out += _table(["server", "images / request", "concurrency", "requests/s", "images/s", "p50 ms", "p99 ms",
+                       "no-op requests/s", "share of no-op", "server batch", "errors"], serving,
+                      lambda r: [r["server"], str(r["batch"]), str(r["concurrency"]), _num(r["infer_per_s"]),
+                                 _num(r["images_per_s"]), _num(r["p50_ms"]), _num(r["p99_ms"]),
+                                 _num(r["floor_infer_per_s"]), _percent(r["share_of_floor"]),
+                                 _num(r["server_avg_batch"]),
+                                 ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"])
+    targets = _targets(rows, other or [], serving or [])
     if targets:
         out += ["Targets (this run):", *targets, ""]
-    if not rows and not other:
+    if not rows and not other and not serving:
         out.append("(no toolkit benchmark results in the file)")
     return "\n".join(out).rstrip() + "\n"
 
@@ -371,13 +464,14 @@ def bench_report(files: Sequence[Path] = (), as_json: bool = False, png: Path | 
     paths = [Path(f) for f in files] or [newest_results(results_dir)]
     rows = load_rows(paths)
     other = load_other_rows(paths)
-    if not rows and not other:
+    serving = load_serving_rows(paths)
+    if not rows and not other and not serving:
         raise BenchReportError(f"{', '.join(map(str, paths))}: no benchmark of this suite (no extra_info 'kind')")
     if as_json:
         out(json.dumps(rows, indent=2))
     else:
         machine = describe_machine(paths[-1]) if len(paths) == 1 else None
-        out(render_markdown(rows, other, machine).rstrip("\n"))
+        out(render_markdown(rows, other, machine, serving).rstrip("\n"))
     if rows and not no_png and (png is not None or not as_json):
         target = plot(rows, png if png is not None else paths[-1].with_suffix(".png"))
         log(f"benchmarks.report: chart written to {target}")

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "toolkit"
 # Each layer may import the layers before it, never one after it.
 LAYERS = ("core", "training", "artifacts", "apps")
 # Modules that must import without torch: the command line, serving an ONNX model, and `toolkit status`.
-TORCH_FREE = ("toolkit.apps.cli", "toolkit.apps.predict", "toolkit.artifacts.backends",
+TORCH_FREE = ("toolkit.apps.cli", "toolkit.apps.predict", "toolkit.apps.loadtest", "toolkit.artifacts.backends",
               "toolkit.artifacts.onnx_runtime", "toolkit.artifacts.onnx_checks", "toolkit.training.config",
               "toolkit.training.status",
               "toolkit.core.images")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, assert_clean_error, assert_ok
-from benchmarks.report import (BenchReportError, bench_report, load_other_rows, load_rows, newest_results, plot,
-                                  render_markdown)
+from benchmarks.report import (BenchReportError, bench_report, load_other_rows, load_rows, load_serving_rows,
+                               newest_results, plot, render_markdown)
 
 
 def report_cli(*args: str) -> subprocess.CompletedProcess:
@@ -212,3 +212,43 @@ def test_interface_overhead_measured_in_alternating_rounds_wins(tmp_path: Path) 
     assert ("- ONNX Runtime interface overhead at batch 1 (`predict_logits` vs `InferenceSession.run`) ≤ 10 %: "
             "9.0 % (threads 1) — **met**") in text  # not the rows' 25 %
     assert "43.6 µs vs 40.0 µs raw (+9.0 %), alternating rounds" in text
+
+
+def _serving(server: str, batch: int, levels: list[tuple[int, float, float, float | None]]) -> dict:
+    """A serving benchmark as benchmarks/test_serving.py records it: (concurrency, requests/s, the no-op floor's
+    requests/s, server batch) per round."""
+    def level(c: int, rate: float, avg: float | None) -> dict:
+        return {"concurrency": c, "infer_per_s": rate, "images_per_s": rate * batch, "server_avg_batch": avg,
+                "latency_ms": {"p50": 1000 * c / rate, "p90": None, "p99": 3000 * c / rate, "mean": None, "max": None},
+                "errors": {"503": 2} if avg else {}}
+
+    return _bench(f"test_serving[{server}-b{batch}]", 20.0, kind="serving", server=server, batch=batch,
+                  levels=[level(c, rate, avg) for c, rate, _, avg in levels],
+                  floor_levels=[level(c, floor, None) for c, _, floor, _ in levels])
+
+
+def test_serving_table_shares_and_targets(tmp_path: Path) -> None:
+    data = {**RESULTS, "benchmarks": [
+        # First on purpose (the report sorts); three rounds at concurrency 32: ratios 0.9, 1.0, 0.8.
+        _serving("serve", 1, [(1, 3000.0, 5000.0, 1.0), (32, 7200.0, 8000.0, 2.5), (32, 6000.0, 6000.0, 2.0),
+                              (32, 8000.0, 10000.0, 3.0)]),
+        _serving("naive", 1, [(1, 3600.0, 4500.0, None), (32, 5000.0, 6250.0, None)]),
+        _serving("naive", 64, [(4, 400.0, 1000.0, None)])]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    rows = load_serving_rows([path])
+    assert [(r["server"], r["batch"], r["concurrency"]) for r in rows] == [
+        ("naive", 1, 1), ("serve", 1, 1), ("naive", 1, 32), ("serve", 1, 32), ("naive", 64, 4)]
+    by = {(r["server"], r["batch"], r["concurrency"]): r for r in rows}
+    assert by[("serve", 1, 32)]["rounds"] == 3 and by[("serve", 1, 32)]["share_of_floor"] == pytest.approx(0.9)
+    assert by[("naive", 64, 4)]["share_of_floor"] == pytest.approx(0.4)
+    assert load_other_rows([path]) == []  # serving rows only in their own table
+    text = render_markdown([], [], serving=rows)
+    assert "| serve | 1 | 32 | 7,200 | 7,200 | 4.44 | 13.3 | 8,000 | 90.0 % | 2.5 | 503: 6 |" in text  # medians
+    assert "| naive | 64 | 4 | 400 | 25,600 | 10 | 30 | 1,000 | 40.0 % | – | none |" in text
+    assert ("- toolkit serve, single-image requests, concurrency 32: ≥ 70 % of the no-op server's requests/s: "
+            "90.0 % — **met**") in text
+    # Shares of each one's own floor: 60 % / 80 % at concurrency 1, 90 % / 80 % at 32.
+    assert ("- toolkit serve, single-image requests: ≥ the naive inline server's requests/s at every concurrency "
+            "(as shares of the floor beside each): 0.75× (concurrency 1), 1.12× (concurrency 32) — **not met**"
+            ) in text

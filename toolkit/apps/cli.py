@@ -179,8 +179,33 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def _add_loadtest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("loadtest", help="measure an inference server (Open Inference Protocol v2) at several "
+                                        "concurrency levels: requests/s, images/s, latency percentiles")
+    p.add_argument("url", metavar="URL", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, help="model name as the server lists it, e.g. main-onnx")
+    p.add_argument("--concurrency", default="1,8,32,128", metavar="C,C,...",
+                   help="comma-separated levels: clients each keeping one request in flight (default 1,8,32,128)")
+    p.add_argument("--duration", dest="duration_s", type=float, default=5.0, metavar="S",
+                   help="measured seconds per level (default 5)")
+    p.add_argument("--warmup", dest="warmup_s", type=float, default=1.0, metavar="S",
+                   help="seconds per level run before measuring (default 1)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="images per request (default 1)")
+    p.add_argument("--json-body", dest="json_body", action="store_true",
+                   help="send JSON tensors (default: the binary tensor extension)")
+    p.add_argument("--input-dtype", dest="input_dtype", default="fp32", metavar="DTYPE",
+                   help="fp32: normalized N×3×32×32; uint8: pixels N×32×32×3 that the server normalizes "
+                        "(default fp32)")
+    p.add_argument("--timeout", dest="timeout_s", type=float, default=30.0, metavar="S",
+                   help="seconds before an unanswered request counts as a timeout (default 30)")
+    p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="FILE",
+                   help="also write the results here")
+    p.set_defaults(func=_cmd_loadtest)
+
+
 # One function per command, in the order `toolkit --help` lists them.
-_COMMANDS = (_add_train, _add_run, _add_status, _add_report, _add_evaluate, _add_export, _add_verify, _add_predict)
+_COMMANDS = (_add_train, _add_run, _add_status, _add_report, _add_evaluate, _add_export, _add_verify, _add_predict,
+             _add_loadtest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +283,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predict_and_report(args.artifact, args.images, args.top_k, args.threads, args.check_hash, args.json,
                        max_batch=args.max_batch, provider=args.provider, model=args.model)
+    return 0
+
+
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from toolkit.apps.loadtest import LoadtestConfig, loadtest_and_report, parse_concurrency  # per command
+
+    config = LoadtestConfig(args.url, args.model, parse_concurrency(args.concurrency), args.duration_s, args.warmup_s,
+                            args.batch, args.json_body, args.input_dtype, args.timeout_s)
+    loadtest_and_report(config, args.json_path)
     return 0
 
 
