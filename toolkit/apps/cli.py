@@ -171,8 +171,42 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve ONNX models over HTTP (Open Inference Protocol / KServe v2, as Triton "
+                                     "speaks it) with dynamic batching, Prometheus metrics and graceful drain; "
+                                     "needs the serve extra")
+    p.add_argument("paths", type=Path, nargs="+", metavar="EXPORT_DIR_OR_ONNX_FILE",
+                   help="export folders (every ONNX format in one is a model named <folder>-<format>) or .onnx "
+                        "files (named by their stem)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    _provider_flag(p)
+    _threads_flag(p)
+    p.add_argument("--instances", type=int, default=1,
+                   help="ONNX Runtime sessions per model, each running one batch at a time (default 1)")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=64,
+                   help="most images per model execution, and per request (default 64)")
+    p.add_argument("--max-queue-delay-ms", dest="max_queue_delay_ms", type=float, default=0.0,
+                   help="how long a batch that is not full may wait for more requests, in ms (default 0: never "
+                        "wait while a session is idle)")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=1024,
+                   help="requests waiting per model before new ones get 503 with Retry-After (default 1024)")
+    p.add_argument("--timeout-ms", dest="timeout_ms", type=float, default=30000.0,
+                   help="answer 504 when a request has no result after this many ms (default 30000; 0: never)")
+    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, default=16 * 2 ** 20,
+                   help="answer 413 to a larger request body (default 16 MiB)")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to finish the requests in flight before exiting (default 30)")
+    p.add_argument("--api-key", dest="api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but the health probes")
+    p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
+                   help="serve a file even if its sha256 differs from the manifest.json beside it")
+    p.set_defaults(func=_cmd_serve)
+
+
 # One function per command, in the order `toolkit --help` lists them.
-_COMMANDS = (_add_train, _add_run, _add_status, _add_report, _add_evaluate, _add_export, _add_verify, _add_predict)
+_COMMANDS = (_add_train, _add_run, _add_status, _add_report, _add_evaluate, _add_export, _add_verify, _add_predict,
+             _add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +284,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predict_and_report(args.artifact, args.images, args.top_k, args.threads, args.check_hash, args.json,
                        max_batch=args.max_batch, provider=args.provider, model=args.model)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from toolkit.apps.serve import ServeConfig, serve  # per command: starlette, uvicorn, onnxruntime
+
+    serve(ServeConfig(args.paths, host=args.host, port=args.port, provider=args.provider, threads=args.threads,
+                      instances=args.instances, max_batch_size=args.max_batch_size,
+                      max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue, timeout_ms=args.timeout_ms,
+                      max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
+                      api_key=args.api_key, check_hash=args.check_hash))
     return 0
 
 
