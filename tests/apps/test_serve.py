@@ -311,6 +311,49 @@ def test_metrics_count_requests_images_and_executions(server: Server, exported: 
     assert metric(server, "toolkit_in_flight") == 0
 
 
+@pytest.fixture(scope="module")
+def batching_server(exported: Export) -> Iterator[Server]:
+    """Batches of exactly 3 images: with a 60 s queue delay a batch starts only when full."""
+    with serving(str(exported.dir / "model.onnx"), "--threads", "1", "--max-batch-size", "3",
+                 "--max-queue-delay-ms", "60000") as s:
+        yield s
+
+
+def _together(server: Server, inputs: list[np.ndarray]) -> list[tuple[int, dict[str, str], bytes]]:
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        return list(pool.map(lambda x: request(server, "POST", "/v2/models/model/infer", *binary_infer_body(x)),
+                             inputs))
+
+
+def test_requests_are_merged_into_one_execution_and_split_back(batching_server: Server, exported: Export) -> None:
+    inputs = [images_batch(1, seed=20), images_batch(2, seed=21)]
+    images_before = metric(batching_server, "toolkit_inference_count_total", model="model")
+    executions_before = metric(batching_server, "toolkit_inference_exec_count_total", model="model")
+    backend = load_backend(exported.dir / "model.onnx", threads=1, provider="cpu")
+    for x, (status, headers, body) in zip(inputs, _together(batching_server, inputs)):
+        assert status == 200
+        np.testing.assert_allclose(binary_logits(headers, body)[1], backend.predict_logits(x), rtol=1e-6, atol=1e-6)
+    assert metric(batching_server, "toolkit_inference_count_total", model="model") - images_before == 3
+    assert metric(batching_server, "toolkit_inference_exec_count_total", model="model") - executions_before == 1
+
+
+def test_a_request_that_fails_its_batch_fails_alone(batching_server: Server, exported: Export) -> None:
+    """Values finite but so large that the model overflows pass the request checks and fail the merged batch;
+    the batch is rerun request by request, so only that request gets the 400."""
+    huge = np.full((1, 3, 32, 32), 3e38, np.float32)
+    inputs = [images_batch(1, seed=30), huge, images_batch(1, seed=31)]
+    backend = load_backend(exported.dir / "model.onnx", threads=1, provider="cpu")
+    answers = _together(batching_server, inputs)
+    for i in (0, 2):
+        status, headers, body = answers[i]
+        assert status == 200
+        np.testing.assert_array_equal(binary_logits(headers, body)[1], backend.predict_logits(inputs[i]))
+    status, _, body = answers[1]
+    error = json.loads(body)["error"]
+    assert status == 400 and "too large for the model" in error and "model 'model'" in error
+    assert str(exported.dir) not in error  # the server's files stay its own
+
+
 def test_start_up_errors_are_one_line(exported: Export, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(exported.dir, copy)

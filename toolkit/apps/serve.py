@@ -177,6 +177,7 @@ class ServerState:
     config: ServeConfig
     models: dict[str, ServedModel]
     metrics: Metrics
+    log: Callable[[str], None] = print
     in_flight: int = 0
     draining: bool = False
     ready: bool = False
@@ -256,10 +257,9 @@ def build_app(state: ServerState) -> Starlette:
                 response = _error(exc)
             except ClientDisconnect:  # the client left mid-body: nobody to answer
                 response = Response(status_code=499)
-            except InputError as exc:  # a batch the model overflows on, named by validate_batch
-                response = _error(HTTPError(400, str(exc)))
-            except ToolkitError as exc:  # the model's own failure (ArtifactError: wrong output shape, ...)
-                response = _error(HTTPError(500, str(exc)))
+            except ToolkitError as exc:  # InputError: values the model overflows on; else the model's own failure
+                status = 400 if isinstance(exc, InputError) else 500
+                response = _error(HTTPError(status, _without_path(exc, state.models[name])))
             finally:
                 state.in_flight -= 1
                 metrics.in_flight.dec()
@@ -336,10 +336,17 @@ def build_app(state: ServerState) -> Starlette:
     async def lifespan(_: Starlette) -> Iterator[None]:
         for model in state.models.values():
             await model.batcher.calibrate()
+            state.log(f"model {model.name}: requests of up to {model.batcher.inline_images} images run inline "
+                      f"while its queue is empty (a thread hop takes {model.batcher.hop_s * 1e3:.3f} ms)")
         state.ready = True
         yield
 
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _without_path(exc: ToolkitError, model: ServedModel) -> str:
+    """The error as a client should see it: the model's name where the message names the server's file."""
+    return str(exc).replace(str(model.path), f"model '{model.name}'")
 
 
 def _checked(images: np.ndarray, model: ServedModel) -> np.ndarray:
@@ -439,7 +446,7 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print) -> None:
     models_count = len(model_files(config.paths))
     with ThreadPoolExecutor(max_workers=models_count * config.instances, thread_name_prefix="model") as executor:
         models = load_models(config, executor, metrics, say)
-        state = ServerState(config, models, metrics)
+        state = ServerState(config, models, metrics, say)
         sock = _bind(config.host, config.port)
         url = _url(config.host, sock.getsockname()[1])
         if not _is_loopback(config.host) and config.api_key is None:

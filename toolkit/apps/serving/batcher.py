@@ -108,6 +108,15 @@ class Batcher:
             runs.append(time.perf_counter() - start)
         self.hop_s = statistics.median(runs)
 
+    @property
+    def inline_images(self) -> int:
+        """The most images a request may hold to run inline (0: every request goes through the queue)."""
+        if self.delay_s > 0 or self.first_image_s > self.hop_s:
+            return 0
+        if self.per_image_s == 0:
+            return self.max_batch
+        return min(self.max_batch, 1 + int((self.hop_s - self.first_image_s) / self.per_image_s))
+
     def estimate_s(self, images: int) -> float:
         """The model's time for `images` images, as measured at start-up."""
         return self.first_image_s + self.per_image_s * (images - 1)
