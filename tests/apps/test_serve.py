@@ -269,6 +269,9 @@ def _bad_cases(model: str) -> list[tuple[str, str, bytes, dict[str, str], int, s
         ("nan-input", infer, nan_body, nan_headers, 400, "NaN or inf"),
         ("non-image-file", f"/v1/models/{model}/classify", b"%PDF-1.4 not an image", {}, 400, "not a readable image"),
         ("bad-top-k", f"/v1/models/{model}/classify?top_k=11", b"", {}, 400, "top_k must be an integer 1..10"),
+        ("compressed-body", infer, good, {**headers, "Content-Encoding": "gzip"}, 415, "Content-Encoding 'gzip'"),
+        ("no-such-route", "/v2/nothing", b"", {}, 404, "Not Found: POST /v2/nothing"),
+        ("wrong-method", "/v2/health/live", b"", {}, 405, "Method Not Allowed"),
     ]
 
 

@@ -58,6 +58,7 @@ from toolkit.core.images import CHANNELS, HEIGHT, WIDTH, decode_image
 try:
     import uvicorn
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
@@ -209,7 +210,11 @@ def _error(exc: HTTPError) -> Response:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes, and with 415 when
+    compressed (not supported: a small compressed body could expand far past the limit)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise HTTPError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} (--max-request-bytes)")
@@ -341,7 +346,12 @@ def build_app(state: ServerState) -> Starlette:
         state.ready = True
         yield
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    async def no_route(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own 404 and 405 (no such route, wrong method) as one JSON line, like every other error."""
+        return _error(HTTPError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
+                                dict(exc.headers or {})))
+
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={StarletteHTTPException: no_route})
 
 
 def _without_path(exc: ToolkitError, model: ServedModel) -> str:
