@@ -162,7 +162,7 @@ def load_models(config: ServeConfig, executor: ThreadPoolExecutor, metrics: Metr
         backends = [load_backend(path, config.threads, config.provider, max_batch=None, check_hash=config.check_hash)
                     for _ in range(config.instances)]
         max_batch = min(config.max_batch_size, backends[0].batch_size or config.max_batch_size)
-        batcher = Batcher(name, backends, executor, metrics, max_batch, config.max_queue_delay_ms / 1000,
+        batcher = Batcher(name, backends, executor, metrics.model(name), max_batch, config.max_queue_delay_ms / 1000,
                           config.max_queue)
         batcher.warm_up((CHANNELS, HEIGHT, WIDTH))
         models[name] = ServedModel(name, path, backends, batcher, max_batch)
@@ -268,8 +268,7 @@ def build_app(state: ServerState) -> Starlette:
             finally:
                 state.in_flight -= 1
                 metrics.in_flight.dec()
-            metrics.requests.labels(label, str(response.status_code)).inc()
-            metrics.request_seconds.labels(label).observe(time.perf_counter() - start)
+            metrics.model(label).answered(response.status_code, time.perf_counter() - start)
             return response
         return endpoint
 

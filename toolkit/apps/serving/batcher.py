@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toolkit.apps.serving.metrics import Metrics
+from toolkit.apps.serving.metrics import ModelMetrics
 from toolkit.apps.serving.protocol import HTTPError
 from toolkit.artifacts.backends import Backend
 from toolkit.core.errors import InputError
@@ -63,7 +63,7 @@ class _Outcome:
 class Batcher:
     """One model's queue, its sessions (one per `--instances`) and the decision how to run each request."""
 
-    def __init__(self, model: str, backends: Sequence[Backend], executor: Executor, metrics: Metrics,
+    def __init__(self, model: str, backends: Sequence[Backend], executor: Executor, metrics: ModelMetrics,
                  max_batch: int, delay_s: float, max_queue: int) -> None:
         self.model = model
         self.idle = list(backends)
@@ -148,8 +148,8 @@ class Batcher:
         try:
             start = time.perf_counter()
             logits = backend.predict_logits(images)
-            self.metrics.queue_seconds.labels(self.model).observe(0.0)
-            self.metrics.executed(self.model, len(images), time.perf_counter() - start)
+            self.metrics.queue_seconds.observe(0.0)
+            self.metrics.executed(len(images), time.perf_counter() - start)
             return logits
         finally:
             self.idle.append(backend)
@@ -186,7 +186,7 @@ class Batcher:
         backend = self.idle.pop()
         now = time.perf_counter()
         for item in batch:
-            self.metrics.queue_seconds.labels(self.model).observe(now - item.queued_at)
+            self.metrics.queue_seconds.observe(now - item.queued_at)
         inputs = [item.images for item in batch]
         running = asyncio.get_running_loop().run_in_executor(self.executor, _compute, backend, inputs)
         running.add_done_callback(lambda done: self._finish(backend, batch, done))
@@ -198,8 +198,7 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - the model's own failure: every request of the batch gets it
             outcome = _Outcome([exc] * len(batch), 0.0)
         else:
-            self.metrics.executed(self.model, sum(len(item.images) for item in batch), outcome.seconds)
-            self.metrics.executions.labels(self.model).inc(outcome.executions - 1)
+            self.metrics.executed(sum(len(item.images) for item in batch), outcome.seconds, outcome.executions)
         for item, result in zip(batch, outcome.results):
             if item.future.done():  # timed out while it ran
                 continue

@@ -34,12 +34,42 @@ class Metrics:
                                     buckets=sizes, registry=r)
         self.in_flight = Gauge("toolkit_in_flight", "Infer and classify requests being answered", registry=r)
 
-    def executed(self, model: str, images: int, seconds: float) -> None:
-        """One model execution of `images` images that took `seconds`."""
-        self.inferences.labels(model).inc(images)
-        self.executions.labels(model).inc()
-        self.compute_seconds.labels(model).observe(seconds)
-        self.batch_size.labels(model).observe(images)
+        self._models: dict[str, ModelMetrics] = {}
+
+    def model(self, name: str) -> ModelMetrics:
+        """The metrics of one model label, bound once (`labels()` costs microseconds on every request)."""
+        if name not in self._models:
+            self._models[name] = ModelMetrics(self, name)
+        return self._models[name]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ModelMetrics:
+    """One model's children of the metrics above."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._requests = metrics.requests
+        self._statuses: dict[int, Counter] = {}
+        self.model = model
+        self.inferences = metrics.inferences.labels(model)
+        self.executions = metrics.executions.labels(model)
+        self.request_seconds = metrics.request_seconds.labels(model)
+        self.queue_seconds = metrics.queue_seconds.labels(model)
+        self.compute_seconds = metrics.compute_seconds.labels(model)
+        self.batch_size = metrics.batch_size.labels(model)
+
+    def answered(self, status: int, seconds: float) -> None:
+        """One request answered with `status` after `seconds` in the server."""
+        if status not in self._statuses:
+            self._statuses[status] = self._requests.labels(self.model, str(status))
+        self._statuses[status].inc()
+        self.request_seconds.observe(seconds)
+
+    def executed(self, images: int, seconds: float, executions: int = 1) -> None:
+        """`executions` model executions (one batch, or its requests one by one) of `images` images in `seconds`."""
+        self.inferences.inc(images)
+        self.executions.inc(executions)
+        self.compute_seconds.observe(seconds)
+        self.batch_size.observe(images)
