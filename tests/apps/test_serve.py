@@ -316,9 +316,9 @@ def test_metrics_count_requests_images_and_executions(server: Server, exported: 
 
 @pytest.fixture(scope="module")
 def batching_server(exported: Export) -> Iterator[Server]:
-    """Batches of exactly 3 images: with a 60 s queue delay a batch starts only when full."""
+    """Batches of exactly 3 images: with a 60 s queue delay a batch starts only when full. Two sessions."""
     with serving(str(exported.dir / "model.onnx"), "--threads", "1", "--max-batch-size", "3",
-                 "--max-queue-delay-ms", "60000") as s:
+                 "--max-queue-delay-ms", "60000", "--instances", "2") as s:
         yield s
 
 
@@ -329,6 +329,9 @@ def _together(server: Server, inputs: list[np.ndarray]) -> list[tuple[int, dict[
 
 
 def test_requests_are_merged_into_one_execution_and_split_back(batching_server: Server, exported: Export) -> None:
+    config = json.loads(request(batching_server, "GET", "/v2/models/model/config")[2])
+    assert config["max_batch_size"] == 3 and config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 60_000_000}
     inputs = [images_batch(1, seed=20), images_batch(2, seed=21)]
     images_before = metric(batching_server, "toolkit_inference_count_total", model="model")
     executions_before = metric(batching_server, "toolkit_inference_exec_count_total", model="model")

@@ -183,7 +183,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _provider_flag(p)
     _threads_flag(p)
     p.add_argument("--instances", type=int, default=1,
-                   help="ONNX Runtime sessions per model, each running one batch at a time (default 1)")
+                   help="ONNX Runtime sessions per model, each running one batch at a time (default 1); without "
+                        "--threads they share the CPU cores")
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=64,
                    help="most images per model execution, and per request (default 64)")
     p.add_argument("--max-queue-delay-ms", dest="max_queue_delay_ms", type=float, default=0.0,

@@ -32,6 +32,7 @@ import contextlib
 import hmac
 import ipaddress
 import math
+import os
 import signal
 import socket
 import sys
@@ -81,7 +82,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     provider: str = DEFAULT_PROVIDER
-    threads: int | None = None  # intra-op threads per session
+    threads: int | None = None  # intra-op threads per session (None: the CPU cores shared among the instances)
     instances: int = 1  # sessions per model, each running one batch at a time
     max_batch_size: int = 64  # images per model execution; the CPU provider's slice size (onnx_runtime.SLICE)
     max_queue_delay_ms: float = 0.0  # 0: a batch never waits while a session is idle
@@ -158,8 +159,14 @@ def load_models(config: ServeConfig, executor: ThreadPoolExecutor, metrics: Metr
                 log: Callable[[str], None]) -> dict[str, ServedModel]:
     """Every model loaded (`--instances` sessions each, hash-checked against its manifest) and warmed up."""
     models = {}
+    # One session alone takes ONNX Runtime's default (a thread per core); several share the cores, since each
+    # would otherwise start a thread per core and they would run batches side by side on too many threads.
+    threads = config.threads
+    if threads is None and config.instances > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // config.instances)
     for name, path in model_files(config.paths).items():
-        backends = [load_backend(path, config.threads, config.provider, max_batch=None, check_hash=config.check_hash)
+        backends = [load_backend(path, threads, config.provider, max_batch=None, check_hash=config.check_hash)
                     for _ in range(config.instances)]
         max_batch = min(config.max_batch_size, backends[0].batch_size or config.max_batch_size)
         batcher = Batcher(name, backends, executor, metrics.model(name), max_batch, config.max_queue_delay_ms / 1000,
