@@ -50,7 +50,7 @@ from toolkit.apps.predict import Prediction, softmax, top_classes
 from toolkit.apps.serving import protocol
 from toolkit.apps.serving.batcher import Batcher
 from toolkit.apps.serving.metrics import CONTENT_TYPE, UNKNOWN_MODEL, Metrics
-from toolkit.apps.serving.protocol import HTTPError, InferRequest
+from toolkit.apps.serving.protocol import HTTPError
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import DEFAULT_PROVIDER, PROVIDERS, Backend, load_backend, validate_batch
 from toolkit.core.errors import ConfigError, DataError, InputError, ToolkitError
@@ -224,12 +224,15 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise HTTPError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} (--max-request-bytes)")
+        # the body is never read, so the connection closes after the answer rather than carry it
+        raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} (--max-request-bytes)",
+                        {"connection": "close"})
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes (--max-request-bytes)")
+            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes (--max-request-bytes)",
+                            {"connection": "close"})
         chunks.append(chunk)
     return b"".join(chunks)
 
