@@ -24,7 +24,7 @@ LAYERS = ("core", "training", "artifacts", "apps")
 TORCH_FREE = ("toolkit.apps.cli", "toolkit.apps.predict", "toolkit.artifacts.backends",
               "toolkit.artifacts.onnx_runtime", "toolkit.artifacts.onnx_checks", "toolkit.training.config",
               "toolkit.training.status", "toolkit.apps.serve", "toolkit.apps.serving.protocol",
-              "toolkit.apps.serving.batcher", "toolkit.apps.serving.metrics",
+              "toolkit.apps.serving.batcher", "toolkit.apps.serving.metrics", "toolkit.apps.serving.config",
               "toolkit.core.images")
 
 

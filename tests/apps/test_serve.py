@@ -291,6 +291,18 @@ def test_bad_request_gets_its_own_one_line_4xx_and_the_server_keeps_serving(serv
     np.testing.assert_array_equal(binary_logits(response_headers, answer)[1], expected)
 
 
+def test_a_chunked_body_is_cut_off_at_the_limit(server: Server, exported: Export) -> None:
+    """Without a Content-Length the limit applies while the body streams in."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT_S)
+    try:
+        connection.request("POST", f"/v2/models/{model_name(exported, 'onnx')}/infer",
+                           body=(b"0" * 65536 for _ in range(40)), encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 413 and "exceeds the limit of 2000000" in json.loads(response.read())["error"]
+    finally:
+        connection.close()
+
+
 def test_metrics_count_requests_images_and_executions(server: Server, exported: Export) -> None:
     name = model_name(exported, "onnx-int8")
     before = {m: metric(server, m, model=name) for m in ("toolkit_inference_count_total",
@@ -375,7 +387,8 @@ def test_start_up_errors_are_one_line(exported: Export, tmp_path: Path, capsys: 
 def test_serving_never_imports_torch(exported: Export) -> None:
     code = f"""
 import sys
-from toolkit.apps.serve import ServeConfig, load_models
+from toolkit.apps.serve import load_models
+from toolkit.apps.serving.config import ServeConfig
 from toolkit.apps.serving.metrics import Metrics
 from concurrent.futures import ThreadPoolExecutor
 with ThreadPoolExecutor(1) as pool:
@@ -385,6 +398,14 @@ assert not heavy, heavy
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_command_line_starts_without_the_serve_extra() -> None:
+    """`toolkit --help` and every other command import neither starlette nor uvicorn nor prometheus-client."""
+    code = ("import sys, toolkit.apps.cli as cli; cli.build_parser(); "
+            "assert not {'starlette', 'uvicorn', 'prometheus_client'} & set(sys.modules), sorted(sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_limits_queue_full_503_timeout_504_and_api_key(exported: Export) -> None:

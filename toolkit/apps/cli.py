@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from toolkit.apps.serving.config import DEFAULTS as SERVE_DEFAULTS
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import DEFAULT_MAX_BATCH, DEFAULT_PROVIDER, PROVIDERS
 from toolkit.core.errors import ToolkitError, exit_code
@@ -175,29 +176,34 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve ONNX models over HTTP (Open Inference Protocol / KServe v2, as Triton "
                                      "speaks it) with dynamic batching, Prometheus metrics and graceful drain; "
                                      "needs the serve extra")
+    d = SERVE_DEFAULTS
     p.add_argument("paths", type=Path, nargs="+", metavar="EXPORT_DIR_OR_ONNX_FILE",
                    help="export folders (every ONNX format in one is a model named <folder>-<format>) or .onnx "
                         "files (named by their stem)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--host", default=d["host"], help=f"address to listen on (default {d['host']}: this machine only)")
+    p.add_argument("--port", type=int, default=d["port"], help=f"port (default {d['port']}; 0: any free port, printed)")
     _provider_flag(p)
     _threads_flag(p)
-    p.add_argument("--instances", type=int, default=1,
-                   help="ONNX Runtime sessions per model, each running one batch at a time (default 1); without "
-                        "--threads they share the CPU cores")
-    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=64,
-                   help="most images per model execution, and per request (default 64)")
-    p.add_argument("--max-queue-delay-ms", dest="max_queue_delay_ms", type=float, default=0.0,
-                   help="how long a batch that is not full may wait for more requests, in ms (default 0: never "
-                        "wait while a session is idle)")
-    p.add_argument("--max-queue", dest="max_queue", type=int, default=1024,
-                   help="requests waiting per model before new ones get 503 with Retry-After (default 1024)")
-    p.add_argument("--timeout-ms", dest="timeout_ms", type=float, default=30000.0,
-                   help="answer 504 when a request has no result after this many ms (default 30000; 0: never)")
-    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, default=16 * 2 ** 20,
-                   help="answer 413 to a larger request body (default 16 MiB)")
-    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,
-                   help="on SIGTERM/SIGINT, seconds to finish the requests in flight before exiting (default 30)")
+    p.add_argument("--instances", type=int, default=d["instances"],
+                   help="ONNX Runtime sessions per model, each running one batch at a time "
+                        f"(default {d['instances']}); without --threads they share the CPU cores")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=d["max_batch_size"],
+                   help=f"most images per model execution, and per request (default {d['max_batch_size']})")
+    p.add_argument("--max-queue-delay-ms", dest="max_queue_delay_ms", type=float, default=d["max_queue_delay_ms"],
+                   help=f"how long a batch that is not full may wait for more requests, in ms (default "
+                        f"{d['max_queue_delay_ms']:g}; 0: never wait while a session is idle, and run a cheap request "
+                        "at once when nothing waits)")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=d["max_queue"],
+                   help=f"requests waiting per model before new ones get 503 with Retry-After "
+                        f"(default {d['max_queue']})")
+    p.add_argument("--timeout-ms", dest="timeout_ms", type=float, default=d["timeout_ms"],
+                   help=f"answer 504 when a request has no result after this many ms (default {d['timeout_ms']:g}; "
+                        "0: never)")
+    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, default=d["max_request_bytes"],
+                   help=f"answer 413 to a larger request body (default {d['max_request_bytes']})")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=d["shutdown_timeout"],
+                   help="on SIGTERM/SIGINT, seconds to finish the requests in flight before exiting (default "
+                        f"{d['shutdown_timeout']:g})")
     p.add_argument("--api-key", dest="api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but the health probes")
     p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
@@ -289,7 +295,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from toolkit.apps.serve import ServeConfig, serve  # per command: starlette, uvicorn, onnxruntime
+    from toolkit.apps.serve import serve  # per command: starlette, uvicorn, onnxruntime
+    from toolkit.apps.serving.config import ServeConfig  # reason: only this command builds one
 
     serve(ServeConfig(args.paths, host=args.host, port=args.port, provider=args.provider, threads=args.threads,
                       instances=args.instances, max_batch_size=args.max_batch_size,

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
-import math
 import os
 import signal
 import socket
@@ -49,10 +48,11 @@ import numpy as np
 from toolkit.apps.predict import Prediction, softmax, top_classes
 from toolkit.apps.serving import protocol
 from toolkit.apps.serving.batcher import Batcher
+from toolkit.apps.serving.config import ServeConfig
 from toolkit.apps.serving.metrics import CONTENT_TYPE, UNKNOWN_MODEL, Metrics
 from toolkit.apps.serving.protocol import HTTPError
 from toolkit.artifacts import formats
-from toolkit.artifacts.backends import DEFAULT_PROVIDER, PROVIDERS, Backend, load_backend, validate_batch
+from toolkit.artifacts.backends import Backend, load_backend, validate_batch
 from toolkit.core.errors import ConfigError, DataError, InputError, ToolkitError
 from toolkit.core.images import CHANNELS, HEIGHT, WIDTH, decode_image
 
@@ -72,46 +72,6 @@ PLATFORM = "onnxruntime_onnx"  # Triton's name for the platform
 _KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU", "tensorrt": "KIND_GPU"}  # Triton's instance kinds
 _DRAIN_POLL_S = 0.1  # uvicorn checks for the end of the drain on its own tick, every 0.1 s
 _LOOPBACK = ("localhost",)
-
-
-@dataclass
-class ServeConfig:
-    """`toolkit serve`'s settings; every value checked here."""
-
-    paths: list[Path]
-    host: str = "127.0.0.1"
-    port: int = 8000
-    provider: str = DEFAULT_PROVIDER
-    threads: int | None = None  # intra-op threads per session (None: the CPU cores shared among the instances)
-    instances: int = 1  # sessions per model, each running one batch at a time
-    max_batch_size: int = 64  # images per model execution; the CPU provider's slice size (onnx_runtime.SLICE)
-    max_queue_delay_ms: float = 0.0  # 0: a batch never waits while a session is idle
-    max_queue: int = 1024  # requests waiting per model before 503
-    timeout_ms: float = 30_000.0  # 0: no limit
-    max_request_bytes: int = 16 * 2 ** 20  # a 64-image FP32 request is 0.8 MB in binary, about 4 MB as JSON
-    shutdown_timeout: float = 30.0  # seconds
-    api_key: str | None = None
-    check_hash: bool = True
-
-    def __post_init__(self) -> None:
-        self.paths = [Path(p) for p in self.paths]
-        if not self.paths:
-            raise ConfigError("no models given: pass export folders or .onnx files")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port: must be 0..65535, got {self.port}")
-        if self.provider not in PROVIDERS:
-            raise ConfigError(f"--provider: expected one of {', '.join(PROVIDERS)}, got {self.provider!r}")
-        for flag, value, low in (("--threads", self.threads, 1), ("--instances", self.instances, 1),
-                                 ("--max-batch-size", self.max_batch_size, 1), ("--max-queue", self.max_queue, 1),
-                                 ("--max-request-bytes", self.max_request_bytes, 1)):
-            if value is not None and value < low:
-                raise ConfigError(f"{flag}: must be >= {low}, got {value}")
-        for flag, number in (("--max-queue-delay-ms", self.max_queue_delay_ms), ("--timeout-ms", self.timeout_ms),
-                             ("--shutdown-timeout", self.shutdown_timeout)):
-            if not (math.isfinite(number) and number >= 0):
-                raise ConfigError(f"{flag}: must be a finite number >= 0, got {number}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("--api-key: must not be empty")
 
 
 @dataclass
@@ -224,15 +184,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise HTTPError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        # the body is never read, so the connection closes after the answer rather than carry it
-        raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} (--max-request-bytes)",
-                        {"connection": "close"})
+        # answered before the body is read; uvicorn discards the rest of it, and the connection stays usable
+        # (closing it instead would reset the client while it still sends, and lose the answer)
+        raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} (--max-request-bytes)")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes (--max-request-bytes)",
-                            {"connection": "close"})
+            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes (--max-request-bytes)")
         chunks.append(chunk)
     return b"".join(chunks)
 

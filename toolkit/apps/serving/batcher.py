@@ -121,10 +121,6 @@ class Batcher:
         """The model's time for `images` images, as measured at start-up."""
         return self.first_image_s + self.per_image_s * (images - 1)
 
-    @property
-    def waiting(self) -> int:
-        return len(self.queue)
-
     async def infer(self, images: np.ndarray, deadline: float | None) -> np.ndarray:
         """Logits for a checked N×3×32×32 float32 batch (N <= max_batch), by `deadline` (perf_counter seconds)."""
         if not self.queue and self.idle and self.delay_s == 0 and self.estimate_s(len(images)) <= self.hop_s:
