@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -382,6 +383,12 @@ def test_start_up_errors_are_one_line(exported: Export, tmp_path: Path, capsys: 
     assert_clean_error(cli(capsys, "serve", empty), "no ONNX model in this folder")
     assert_clean_error(cli(capsys, "serve", exported.dir, "--max-batch-size", "0"), "--max-batch-size: must be >= 1")
     assert_clean_error(cli(capsys, "serve", exported.dir, exported.dir), "two models would be named")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert_clean_error(cli(capsys, "serve", exported.dir / "model.onnx", "--port", port, "--threads", "1"),
+                           f"--port {port}: cannot listen there")
 
 
 def test_serving_never_imports_torch(exported: Export) -> None:
