@@ -451,29 +451,44 @@ def metric_with_key(server: Server, key: dict[str, str]) -> float:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_drain_answers_accepted_requests_refuses_new_ones_and_exits_0(exported: Export, sig: signal.Signals) -> None:
-    """Requests held in the queue (a 3 s queue delay) when the signal comes are all answered with their logits;
-    meanwhile the server is not ready and new requests get 503; then it exits 0."""
+    """When the signal comes, six requests wait in the queue (batches of 7, a 10-minute queue delay) and a seventh
+    is still sending its body. The queued six are answered at once with their logits; while the seventh is
+    unfinished the server is not ready and new requests get 503; once it has sent its body it is answered too,
+    and the server exits 0. Nothing here depends on timing: every wait is for a state, bounded."""
     backend = load_backend(exported.dir / "model.onnx", threads=1, provider="cpu")
-    with serving(str(exported.dir / "model.onnx"), "--threads", "1", "--max-queue-delay-ms", "3000",
-                 "--shutdown-timeout", "50") as server:
-        inputs = [images_batch(1, seed) for seed in range(6)]
-        with ThreadPoolExecutor(len(inputs)) as pool:
+    with serving(str(exported.dir / "model.onnx"), "--threads", "1", "--max-batch-size", "7",
+                 "--max-queue-delay-ms", "600000", "--shutdown-timeout", "120") as server:
+        inputs = [images_batch(1, seed) for seed in range(7)]
+        slow_body, slow_headers = binary_infer_body(inputs[6])
+        slow = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT_S)
+        slow.putrequest("POST", "/v2/models/model/infer")
+        for k, v in {**slow_headers, "Content-Length": str(len(slow_body))}.items():
+            slow.putheader(k, v)
+        slow.endheaders()
+        slow.send(slow_body[:1000])
+        with ThreadPoolExecutor(6) as pool:
             held = [pool.submit(request, server, "POST", "/v2/models/model/infer", *binary_infer_body(x))
-                    for x in inputs]
-            deadline = time.monotonic() + 30
-            while metric(server, "toolkit_in_flight") < len(inputs) and time.monotonic() < deadline:
+                    for x in inputs[:6]]
+            deadline = time.monotonic() + 60
+            while metric(server, "toolkit_in_flight") < 7 and time.monotonic() < deadline:
                 time.sleep(0.02)
             server.process.send_signal(sig)
-            time.sleep(0.3)  # the signal handled; the held requests still wait for their batch
-            assert request(server, "GET", "/v2/health/ready")[0] == 503
-            status, headers, answer = request(server, "POST", "/v2/models/model/infer", *binary_infer_body(inputs[0]))
-            assert status == 503 and "shutting down" in json.loads(answer)["error"]
             for x, future in zip(inputs, held):
                 status, headers, answer = future.result()
                 assert status == 200
                 np.testing.assert_array_equal(binary_logits(headers, answer)[1], backend.predict_logits(x))
+        assert request(server, "GET", "/v2/health/ready")[0] == 503
+        assert request(server, "GET", "/v2/health/live")[0] == 200
+        status, headers, answer = request(server, "POST", "/v2/models/model/infer", *binary_infer_body(inputs[0]))
+        assert status == 503 and "shutting down" in json.loads(answer)["error"] and headers["connection"] == "close"
+        slow.send(slow_body[1000:])
+        response = slow.getresponse()
+        assert response.status == 200
+        header, logits = binary_logits({k.lower(): v for k, v in response.getheaders()}, response.read())
+        np.testing.assert_array_equal(logits, backend.predict_logits(inputs[6]))
+        slow.close()
         assert server.process.wait(60) == 0
-        assert any("draining (6 requests in flight" in line for line in server.lines), server.output()
+        assert any("draining (7 requests in flight" in line for line in server.lines), server.output()
 
 
 def _soak(exported: Export, requests_total: int, concurrency: int) -> None:

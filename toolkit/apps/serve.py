@@ -17,8 +17,9 @@ Requests are checked one by one and merged by each model's `serving.batcher.Batc
 a body over `--max-request-bytes` -> 413. Every error answer is `{"error": "one line"}`.
 
 On SIGTERM or SIGINT the server drains: ready turns 503, new infer and classify requests get 503 (and their
-connection is closed), the requests already accepted are answered, and the process exits 0 once none is
-left, or after `--shutdown-timeout` seconds at the latest. A second SIGINT exits at once.
+connection is closed), the requests already accepted are answered (queued ones at once, without waiting out
+the queue delay), and the process exits 0 once none is left, or after `--shutdown-timeout` seconds at the
+latest. A second signal exits at once.
 
 Security: it listens on 127.0.0.1 unless `--host` says otherwise; with `--api-key` every route but the health
 probes needs `Authorization: Bearer KEY`. Request data is only ever held in memory, never written to or
@@ -377,6 +378,11 @@ class DrainingServer(uvicorn.Server):
             return
         self.state.draining = True
         self.drain_deadline = time.monotonic() + self.state.config.shutdown_timeout
+        # queued requests run now rather than wait out --max-queue-delay-ms for batch-mates that will not come;
+        # on the loop's own turn (a signal handler may run between any two bytecodes of the loop)
+        loop = asyncio.get_running_loop()
+        for model in self.state.models.values():
+            loop.call_soon_threadsafe(model.batcher.flush)
         self.log(f"{signal.Signals(sig).name}: draining ({self.state.in_flight} requests in flight, "
                  f"at most {self.state.config.shutdown_timeout:g} s)")
 

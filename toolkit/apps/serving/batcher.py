@@ -76,6 +76,7 @@ class Batcher:
         self.queue: deque[_Item] = deque()
         self.queued_images = 0
         self._timer: asyncio.TimerHandle | None = None
+        self.flushing = False  # set by `flush`: batches no longer wait for the queue delay
         # seconds for one image and for each further image (`warm_up`), and for a thread hop (`calibrate`)
         self.first_image_s = self.per_image_s = 0.0
         self.hop_s = 0.0
@@ -157,7 +158,7 @@ class Batcher:
                 self.queued_images -= len(self.queue.popleft().images)
             if not self.queue:
                 return
-            if self.delay_s > 0 and self.queued_images < self.max_batch:
+            if self.delay_s > 0 and not self.flushing and self.queued_images < self.max_batch:
                 due = self.queue[0].queued_at + self.delay_s
                 if time.perf_counter() < due:
                     if self._timer is None:
@@ -173,6 +174,11 @@ class Batcher:
                     images += len(item.images)
             if batch:
                 self._start(batch)
+
+    def flush(self) -> None:
+        """Start what waits now and never wait for the queue delay again: no more requests will come (drain)."""
+        self.flushing = True
+        self._pump()
 
     def _on_timer(self) -> None:
         self._timer = None
