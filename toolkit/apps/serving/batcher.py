@@ -6,9 +6,9 @@ is rerun request by request, so a bad request never fails its batch-mates.
 
 Two ways to run a request:
 - **inline**, on the event loop, when nothing is queued, a session is idle, no queue delay is set (a delay
-  asks for batches) and the model's estimated time
-  for the request is below the cost of handing work to a thread and back (measured at start-up,
-  `calibrate`). For a cheap model (the tutorial net: about 40 µs an image) a thread hop costs more than
+  asks for batches) and the model's estimated time for the request (timed at start-up, then kept up to date
+  by every execution, so it follows the machine's load) is below the cost of handing work to a thread and
+  back (measured at start-up, `calibrate`). For a cheap model (the tutorial net: about 40 µs an image) a thread hop costs more than
   the model, and batching at low load only adds that hop (a plain batcher served 59 % of the HTTP floor's
   requests/s where inline calls served 76 %, on 2 cores).
 - **batched**, otherwise: requests queue, and whenever a session (`--instances`) is idle the queue's head is
@@ -37,6 +37,9 @@ from toolkit.core.errors import InputError
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 _TIMINGS = 20  # model calls timed per batch size at start-up; the median is kept
+# Weight of each model execution in the running estimate of the model's time (about the last 20 count): the
+# estimate follows the machine's load rather than trusting the start-up timing alone.
+_LEARN = 0.05
 
 
 class Overloaded(HTTPError):
@@ -119,8 +122,16 @@ class Batcher:
         return min(self.max_batch, 1 + int((self.hop_s - self.first_image_s) / self.per_image_s))
 
     def estimate_s(self, images: int) -> float:
-        """The model's time for `images` images, as measured at start-up."""
+        """The model's time for `images` images: timed at start-up, then updated by every execution (`_observe`)."""
         return self.first_image_s + self.per_image_s * (images - 1)
+
+    def _observe(self, images: int, seconds: float) -> None:
+        """Fold one execution's time into the estimate: batch 1 into the first image, larger ones into the rest."""
+        if images == 1:
+            self.first_image_s += _LEARN * (seconds - self.first_image_s)
+        else:
+            self.per_image_s += _LEARN * (max(0.0, (seconds - self.first_image_s) / (images - 1)) - self.per_image_s)
+        self.metrics.executed(images, seconds)
 
     async def infer(self, images: np.ndarray, deadline: float | None) -> np.ndarray:
         """Logits for a checked N×3×32×32 float32 batch (N <= max_batch), by `deadline` (perf_counter seconds)."""
@@ -146,7 +157,7 @@ class Batcher:
             start = time.perf_counter()
             logits = backend.predict_logits(images)
             self.metrics.queue_seconds.observe(0.0)
-            self.metrics.executed(len(images), time.perf_counter() - start)
+            self._observe(len(images), time.perf_counter() - start)
             return logits
         finally:
             self.idle.append(backend)
@@ -200,7 +211,11 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - the model's own failure: every request of the batch gets it
             outcome = _Outcome([exc] * len(batch), 0.0)
         else:
-            self.metrics.executed(sum(len(item.images) for item in batch), outcome.seconds, outcome.executions)
+            images = sum(len(item.images) for item in batch)
+            if outcome.executions == 1:
+                self._observe(images, outcome.seconds)
+            else:  # a failed merged batch and its reruns: no clean timing
+                self.metrics.executed(images, outcome.seconds, outcome.executions)
         for item, result in zip(batch, outcome.results):
             if item.future.done():  # timed out while it ran
                 continue
