@@ -378,13 +378,16 @@ class DrainingServer(uvicorn.Server):
             return
         self.state.draining = True
         self.drain_deadline = time.monotonic() + self.state.config.shutdown_timeout
-        # queued requests run now rather than wait out --max-queue-delay-ms for batch-mates that will not come;
-        # on the loop's own turn (a signal handler may run between any two bytecodes of the loop)
-        loop = asyncio.get_running_loop()
-        for model in self.state.models.values():
-            loop.call_soon_threadsafe(model.batcher.flush)
+        # The rest on the loop's own turn: a signal handler may run between any two bytecodes of the loop,
+        # even inside a print() (which is not reentrant).
+        asyncio.get_running_loop().call_soon_threadsafe(self._start_drain, sig)
+
+    def _start_drain(self, sig: int) -> None:
         self.log(f"{signal.Signals(sig).name}: draining ({self.state.in_flight} requests in flight, "
                  f"at most {self.state.config.shutdown_timeout:g} s)")
+        # queued requests run now rather than wait out --max-queue-delay-ms for batch-mates that will not come
+        for model in self.state.models.values():
+            model.batcher.flush()
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
@@ -415,8 +418,7 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    sock.listen(2048)  # connections waiting to be accepted; uvicorn's default backlog
     return sock
 
 
