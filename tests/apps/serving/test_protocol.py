@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from toolkit.apps.serving.protocol import HTTPError, image_files, infer_response, parse_infer
 from toolkit.artifacts.metadata import ArtifactMetadata
@@ -73,9 +76,17 @@ def test_the_output_is_binary_when_the_request_asks(extra: dict, binary: bool) -
         assert output["shape"] == [1, 10] and np.array_equal(np.float32(output["data"]), logits.ravel())
 
 
-def test_unknown_output_is_refused() -> None:
-    with pytest.raises(HTTPError, match="unknown output 'probs'"):
-        parse_infer(_json_request([0.0] * 3072, outputs=[{"name": "probs"}]), None, METADATA, 64)
+@pytest.mark.parametrize(("extra", "words"), [
+    ({"outputs": [{"name": "probs"}]}, "unknown output 'probs'"),
+    ({"outputs": [{"name": "logits", "parameters": [1]}]}, "output 'logits': parameters must be a JSON object"),
+    ({"outputs": {"name": "logits"}}, "'outputs' must be a list of objects"),
+    ({"parameters": "binary"}, "'parameters' must be a JSON object"),
+    ({"id": 7}, "'id' must be a string"),
+])
+def test_malformed_request_fields_are_named(extra: dict, words: str) -> None:
+    with pytest.raises(HTTPError, match=re.escape(words)) as info:
+        parse_infer(_json_request([0.0] * 3072, **extra), None, METADATA, 64)
+    assert info.value.status == 400
 
 
 def test_multipart_files_keep_their_names_and_bytes_a_raw_body_is_one_image() -> None:
@@ -84,3 +95,34 @@ def test_multipart_files_keep_their_names_and_bytes_a_raw_body_is_one_image() ->
     assert image_files(body, "multipart/form-data; boundary=b") == [("../../etc/cat.png", b"\x89PNG1"),
                                                                     ("second", b"JPEG2")]
     assert image_files(b"raw", "image/png") == [("[0]", b"raw")]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-300, 300) | st.floats() | st.text(max_size=8),
+                    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children,
+                                                                                          max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=300), header=st.none() | st.text(max_size=6))
+def test_any_bytes_give_a_checked_request_or_one_line_400(body: bytes, header: str | None) -> None:
+    try:
+        parsed = parse_infer(body, header, METADATA, 64)
+    except HTTPError as exc:
+        assert exc.status == 400 and "\n" not in exc.message
+    else:
+        assert parsed.images.dtype == np.float32 and parsed.images.shape[1:] == (3, 32, 32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tensor=st.fixed_dictionaries({}, optional={
+    "name": st.sampled_from(["images", "x"]) | JSON, "datatype": st.sampled_from(["FP32", "UINT8", "INT64"]) | JSON,
+    "shape": st.sampled_from([[1, 3, 32, 32], [1, 32, 32, 3], [0, 3, 32, 32]]) | JSON,
+    "data": JSON, "parameters": JSON}), request=st.dictionaries(st.sampled_from(["id", "parameters", "outputs"]), JSON))
+def test_any_json_request_gives_a_checked_request_or_one_line_400(tensor: dict, request: dict) -> None:
+    body = json.dumps({"inputs": [tensor], **request}).encode()
+    try:
+        parsed = parse_infer(body, None, METADATA, 64)
+    except HTTPError as exc:
+        assert exc.status == 400 and "\n" not in exc.message
+    else:
+        assert parsed.images.dtype == np.float32 and parsed.images.shape[1:] == (3, 32, 32)

@@ -134,7 +134,7 @@ def parse_infer(body: bytes, header_length: str | None, metadata: ArtifactMetada
     if tensor.get("name") != INPUT_NAME:
         raise bad_request(f"unknown input {tensor.get('name')!r}; this model's input is '{INPUT_NAME}'")
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise bad_request(f"input '{INPUT_NAME}': datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}")
     shape = _shape(tensor.get("shape"), datatype, max_batch, fixed_batch)
     dtype = DATATYPES[datatype][0]
@@ -186,7 +186,10 @@ def _binary_output(request: dict) -> bool:
     for output in outputs:
         if output.get("name") != OUTPUT_NAME:
             raise bad_request(f"unknown output {output.get('name')!r}; this model's output is '{OUTPUT_NAME}'")
-        binary = (output.get("parameters") or {}).get("binary_data", binary) is True
+        parameters = output.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise bad_request(f"output '{OUTPUT_NAME}': parameters must be a JSON object")
+        binary = parameters.get("binary_data", binary) is True
     return binary
 
 
