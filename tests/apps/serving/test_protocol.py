@@ -126,3 +126,17 @@ def test_any_json_request_gives_a_checked_request_or_one_line_400(tensor: dict, 
         assert exc.status == 400 and "\n" not in exc.message
     else:
         assert parsed.images.dtype == np.float32 and parsed.images.shape[1:] == (3, 32, 32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=300) | st.builds(lambda a, b: b"--b\r\n" + a + b"\r\n\r\n" + b + b"\r\n--b--\r\n",
+                                                  st.binary(max_size=80), st.binary(max_size=40)),
+       content_type=st.sampled_from(["multipart/form-data; boundary=b", "multipart/form-data", "image/png"])
+       | st.text(max_size=40))
+def test_any_classify_body_gives_files_or_one_line_400(body: bytes, content_type: str) -> None:
+    try:
+        files = image_files(body, content_type)
+    except HTTPError as exc:
+        assert exc.status == 400 and "\n" not in exc.message
+    else:
+        assert files and all(isinstance(name, str) and isinstance(data, bytes) for name, data in files)
