@@ -166,6 +166,7 @@ def test_health_and_metadata_through_tritonclient(client: triton.InferenceServer
     config = client.get_model_config(name)
     assert config["max_batch_size"] == 64 and config["input"][0]["dims"] == [3, 32, 32]
     assert config["output"][0]["dims"] == [10]
+    assert [m["name"] for m in client.get_model_repository_index()] == [model_name(exported, f) for f in ONNX]
     assert not client.is_model_ready(name, "2")
     with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
         client.get_model_metadata("nope")

@@ -5,7 +5,8 @@
 
 Routes (`docs/deployment.md`, "Serving"):
 - `GET /v2/health/live`, `/v2/health/ready` (ready once every model has loaded, passed its manifest hash check
-  and run its warm-up batches; not ready while draining), `/v2` (server metadata), `/v2/models` (the names),
+  and run its warm-up batches; not ready while draining), `/v2` (server metadata), `/v2/models` (the names;
+  also Triton's `POST /v2/repository/index`),
   `/v2/models/{m}[/versions/1]`, `.../ready`, `.../config` (Triton's model configuration);
 - `POST /v2/models/{m}[/versions/1]/infer`: JSON tensors or the binary tensor extension (`serving.protocol`);
 - `POST /v1/models/{m}/classify?top_k=K`: image files (the raw body as one file, or multipart/form-data with
@@ -301,6 +302,7 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v2/health/ready", ready),
         Route("/v2", simple(lambda _: protocol.server_metadata())),
         Route("/v2/models", simple(models)),
+        Route("/v2/repository/index", simple(lambda request: models(request)["models"]), methods=["POST"]),
         *model_routes,
         Route("/v1/models/{model}/classify", inference(classify), methods=["POST"]),
         Route("/metrics", simple(prometheus)),
