@@ -23,7 +23,8 @@ LAYERS = ("core", "training", "artifacts", "apps")
 # Modules that must import without torch: the command line, serving an ONNX model, and `toolkit status`.
 TORCH_FREE = ("toolkit.apps.cli", "toolkit.apps.predict", "toolkit.apps.loadtest", "toolkit.artifacts.backends",
               "toolkit.artifacts.onnx_runtime", "toolkit.artifacts.onnx_checks", "toolkit.training.config",
-              "toolkit.training.status",
+              "toolkit.training.status", "toolkit.apps.serve", "toolkit.apps.serving.protocol",
+              "toolkit.apps.serving.batcher", "toolkit.apps.serving.metrics", "toolkit.apps.serving.config",
               "toolkit.core.images")
 
 

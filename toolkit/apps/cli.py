@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from toolkit.apps.serving.config import DEFAULTS as SERVE_DEFAULTS
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import DEFAULT_MAX_BATCH, DEFAULT_PROVIDER, PROVIDERS
 from toolkit.core.errors import ToolkitError, exit_code
@@ -179,6 +180,43 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve ONNX models over HTTP (Open Inference Protocol / KServe v2, as Triton "
+                                     "speaks it) with dynamic batching, Prometheus metrics and graceful drain; "
+                                     "needs the serve extra")
+    d = SERVE_DEFAULTS
+    p.add_argument("paths", type=Path, nargs="+", metavar="EXPORT_DIR_OR_ONNX_FILE",
+                   help="export folders (every ONNX format in one is a model named <folder>-<format>) or .onnx "
+                        "files (named by their stem)")
+    p.add_argument("--host", default=d["host"], help=f"address to listen on (default {d['host']}: this machine only)")
+    p.add_argument("--port", type=int, default=d["port"], help=f"port (default {d['port']}; 0: any free port, printed)")
+    _provider_flag(p)
+    _threads_flag(p)
+    p.add_argument("--instances", type=int, default=d["instances"],
+                   help="ONNX Runtime sessions per model, each running one batch at a time "
+                        f"(default {d['instances']}); without --threads they share the CPU cores")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=d["max_batch_size"],
+                   help=f"most images per model execution, and per request (default {d['max_batch_size']})")
+    p.add_argument("--max-queue-delay-ms", dest="max_queue_delay_ms", type=float, default=d["max_queue_delay_ms"],
+                   help=f"how long a batch that is not full may wait for more requests, in ms (default "
+                        f"{d['max_queue_delay_ms']:g}; 0: never wait while a session is idle, and run a cheap request "
+                        "at once when nothing waits)")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=d["max_queue"],
+                   help=f"requests waiting per model before new ones get 503 with Retry-After "
+                        f"(default {d['max_queue']})")
+    p.add_argument("--timeout-ms", dest="timeout_ms", type=float, default=d["timeout_ms"],
+                   help=f"answer 504 when a request has no result after this many ms (default {d['timeout_ms']:g}; "
+                        "0: never)")
+    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, default=d["max_request_bytes"],
+                   help=f"answer 413 to a larger request body (default {d['max_request_bytes']})")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=d["shutdown_timeout"],
+                   help="on SIGTERM/SIGINT, seconds to finish the requests in flight before exiting (default "
+                        f"{d['shutdown_timeout']:g})")
+    p.add_argument("--api-key", dest="api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but the health probes")
+    p.add_argument("--no-hash-check", dest="check_hash", action="store_false",
+                   help="serve a file even if its sha256 differs from the manifest.json beside it")
+    p.set_defaults(func=_cmd_serve)
 def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("loadtest", help="measure an inference server (Open Inference Protocol v2) at several "
                                         "concurrency levels: requests/s, images/s, latency percentiles")
@@ -205,7 +243,7 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
 
 # One function per command, in the order `toolkit --help` lists them.
 _COMMANDS = (_add_train, _add_run, _add_status, _add_report, _add_evaluate, _add_export, _add_verify, _add_predict,
-             _add_loadtest)
+             _add_serve, _add_loadtest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +324,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from toolkit.apps.serve import serve  # per command: starlette, uvicorn, onnxruntime
+    from toolkit.apps.serving.config import ServeConfig  # reason: only this command builds one
+
+    serve(ServeConfig(args.paths, host=args.host, port=args.port, provider=args.provider, threads=args.threads,
+                      instances=args.instances, max_batch_size=args.max_batch_size,
+                      max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue, timeout_ms=args.timeout_ms,
+                      max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
+                      api_key=args.api_key, check_hash=args.check_hash))
 def _cmd_loadtest(args: argparse.Namespace) -> int:
     from toolkit.apps.loadtest import LoadtestConfig, loadtest_and_report, parse_concurrency  # per command
 

@@ -115,8 +115,7 @@ class Classifier:
             batch = np.stack([self._normalized(item, name) for item, name in zip(chunk, names)])
             probabilities = softmax(self.backend.predict_logits(batch).astype(np.float64))
             for name, p in zip(names, probabilities):
-                order = np.argsort(-p, kind="stable")[:top_k]
-                top = [(self.classes[i], float(p[i])) for i in order]
+                top = top_classes(p, self.classes, top_k)
                 out.append(Prediction(name, top[0][0], top[0][1], top, self.provider))
         return out
 
@@ -138,6 +137,12 @@ class Classifier:
             raise InputError(f"image {name}: expected a file path, a PIL image, uint8 pixels {CHANNELS}×{HEIGHT}×{WIDTH} "
                              f"or H×W×3, or float32 normalized pixels {CHANNELS}×{HEIGHT}×{WIDTH}; got {what}")
         return self.backend.metadata.normalize(pixels[None])[0]
+
+
+def top_classes(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[tuple[str, float]]:
+    """The `k` most likely (class, probability) of one image's probabilities, most likely first (ties: lower index)."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [(classes[i], float(probabilities[i])) for i in order]
 
 
 def _is_batch(images: object) -> bool:
