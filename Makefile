@@ -83,7 +83,8 @@ test-floor:
 # Every benchmark (none is marked slow; gpu ones skip without CUDA), timings on: one results file
 # benchmarks/results/<timestamp>.json for `python -m benchmarks.report`, and pytest-benchmark's own
 # storage under benchmarks/results/storage so that `make bench BENCH_ARGS=--benchmark-compare`
-# compares with the previous run. About 8 minutes on a 2-core CPU, plus about 1 minute per server of the serving rows; see benchmarks/README.md.
+# compares with the previous run. About 12-13 minutes on a 2-core CPU (estimated: 8 for the tutorial net's rows, 3.5
+# for the heavier models', 1 per server of the serving rows); see benchmarks/README.md.
 bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(BIN)/python -m pytest benchmarks -q -m "slow or not slow" --benchmark-enable \

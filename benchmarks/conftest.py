@@ -28,12 +28,15 @@ import torch
 
 import toolkit
 from benchmarks.common import FULL, ROOT, THREADS_ALL, TINY, Scale, real_data_dir, shown
-from benchmarks.flops import matmul_gflops, tutorialnet_flops
+from benchmarks.flops import forward_flops, matmul_gflops, tutorialnet_flops
+from benchmarks.model_rows import MODEL_ROWS
 from toolkit.apps.verify import load_verification_split
+from toolkit.artifacts import formats
 from toolkit.artifacts.backends import PROVIDERS, load_backend
-from toolkit.artifacts.export import export_run
+from toolkit.artifacts.export import CALIBRATION_IMAGES, export_run
 from toolkit.artifacts.manifest import Manifest
 from toolkit.training.data import normalize
+from toolkit.training.models import build_model
 
 _SESSION: dict[str, Any] = {}  # facts learned during the session, for the results file's machine_info
 
@@ -102,6 +105,19 @@ def _pin_session_threads() -> None:
 def flops_per_image() -> int:
     """Forward FLOPs per image of TutorialNet (benchmarks/flops.py: conv + linear, MAC = 2)."""
     return tutorialnet_flops()
+
+
+@pytest.fixture(scope="session")
+def model_flops() -> Callable[[str], int]:
+    """model name -> forward FLOPs per image (benchmarks/flops.py), counted once per model."""
+    cache: dict[str, int] = {}
+
+    def flops(model: str) -> int:
+        if model not in cache:
+            cache[model] = forward_flops(build_model(model, 10))
+        return cache[model]
+
+    return flops
 
 
 @pytest.fixture(scope="session")
@@ -187,3 +203,50 @@ def inputs(trained: Trained) -> Inputs:
     images = normalize(held.images[index]).numpy()
     eager = load_backend(trained.export)
     return Inputs(images, eager.predict_logits(images), f"{trained.data} {held.name} split")
+
+
+UNTRAINED = "untrained: random initialization, seed 0"
+
+
+@dataclass(frozen=True)
+class ModelExport:
+    """One model's export folder for the inference rows, and eager's logits on the first images of `inputs`."""
+
+    model: str
+    export: Path
+    trained: bool
+    weights: str  # what the rows measured, for the report: trained (the suite's run) or untrained
+    eager_logits: np.ndarray  # benchmarks.model_rows.ModelRows.check_images × classes float32
+
+
+@pytest.fixture(scope="session")
+def model_export(trained: Trained, inputs: Inputs, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Callable[[str], ModelExport]:
+    """model name -> its export, made on first use: the tutorial's is the suite's trained run; every other
+    built-in model is exported untrained (see benchmarks/model_rows.py), only in the formats its rows time."""
+    cache: dict[str, ModelExport] = {}
+
+    def get(model: str) -> ModelExport:
+        if model in cache:
+            return cache[model]
+        rows = MODEL_ROWS[model]
+        if rows.trained:
+            cache[model] = ModelExport(model, trained.export, True, "trained: the suite's run (see data)",
+                                       inputs.eager_logits[:rows.check_images])
+            return cache[model]
+        base = tmp_path_factory.mktemp(f"bench-{model}")
+        # `toolkit export` reads a run folder: one step at a learning rate too small to move the random
+        # weights writes it (BatchNorm keeps running statistics of that one batch). The synthetic training
+        # split is as large as the int8 calibration set, which export draws from it.
+        run_toolkit("train", "--model", model, "--data", "synthetic", "--synthetic-train-size",
+                    str(CALIBRATION_IMAGES), "--synthetic-test-size", "16", "--val-fraction", "0",
+                    "--cache-dir", str(base / "cache"), "--batch-size", "8", "--max-steps", "1", "--lr", "1e-9",
+                    "--seed", "0", "--threads", str(THREADS_ALL), "--output-dir", str(base / "run"),
+                    "--log-every", "1000000")
+        names = [f for f in rows.formats if formats.get(f).exported]
+        export = export_run(base / "run", base / "export", names, log=lambda line: None)
+        eager = load_backend(export / formats.EAGER.file).predict_logits(inputs.images[:rows.check_images])
+        cache[model] = ModelExport(model, export, False, UNTRAINED, eager)
+        return cache[model]
+
+    return get

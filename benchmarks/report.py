@@ -4,17 +4,21 @@ Input: the JSON that `make bench` writes (`pytest --benchmark-json=...`, default
 `benchmarks/results/*.json`). Everything is read from each benchmark's `stats.median` (seconds per
 timed call) and `extra_info`, which the benchmark suite fills:
 
+- every row: `model` (a built-in model's name; rows without one measured `tutorial`, the suite's only model
+  before per-model rows), except the machine's own rows (`matmul`), which belong to no model. The report has
+  one section per model, in the order the file first names them, after a section for the machine;
 - inference rows (`extra_info.kind == "inference"`): `backend` (a format of
   `toolkit.artifacts.formats`, with `-cuda`/`-tensorrt` when it ran on a GPU, `-device` with IO binding,
   and `onnx-session` for the raw `InferenceSession.run` behind the `onnx` rows), `batch`, `threads` (an
-  int, or "default" for ONNX Runtime's own choice). The median is the latency of one batch; images/s is
-  batch / median; the speed-up is eager's median at the same batch and thread count divided by
-  this row's (rows with threads "default" are compared with eager at the highest thread count of
-  the file);
+  int, or "default" for ONNX Runtime's own choice), `weights` (trained or untrained, shown once per model).
+  The median is the latency of one batch; images/s is batch / median; the speed-up is eager's median for
+  the same model at the same batch and thread count divided by this row's (rows with threads "default" are
+  compared with the model's eager row at its highest thread count);
 - other rows (training, launch, time-to-accuracy, export, verify, matmul): `kind`, `label`, and
   when present `images_per_s` (which for `launch` and `time_to_accuracy` comes from the trainer's
   own metrics, not from the wall time), `share_of_matmul_peak`, `gflops`, `final_val_accuracy`,
-  `time_to_accuracy`, `bytes`, `images`.
+  `time_to_accuracy`, `bytes`, `images`; `train_step` rows also `precision`, `memory_format` and `batch`,
+  which a summary table of training images/s per model reads.
 
 - serving rows (`kind == "serving"`, benchmarks/test_serving.py): `server` (naive, serve), `batch` (images per
   request), `levels` (one `toolkit loadtest` level per round: `concurrency`, `infer_per_s`, `images_per_s`,
@@ -22,8 +26,8 @@ timed call) and `extra_info`, which the benchmark suite fills:
   just before the server's round of the same index. A row gives the median over its rounds (errors: the sum),
   and its share of the floor is the median of the rounds' ratios.
 
-`--json` prints the inference rows as `{backend, batch, threads, median_ms, images_per_s,
-speedup_vs_eager}` (plus `file` when several files are given); otherwise a Markdown report is
+`--json` prints the inference rows as `{model, backend, batch, threads, median_ms, images_per_s,
+speedup_vs_eager, weights}` (plus `file` when several files are given); otherwise a Markdown report is
 printed and a PNG bar chart written.
 """
 
@@ -44,10 +48,15 @@ from toolkit.artifacts import formats
 from toolkit.core.errors import ToolkitError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ROW_KEYS = ("backend", "batch", "threads", "median_ms", "images_per_s", "speedup_vs_eager")
+ROW_KEYS = ("model", "backend", "batch", "threads", "median_ms", "images_per_s", "speedup_vs_eager", "weights")
+DEFAULT_MODEL = "tutorial"  # the model of a row that names none (files from before per-model rows)
+MACHINE_KINDS = ("matmul",)  # rows that measure the machine, not a model
+_PRECISION_ORDER = ("fp32", "bf16", "fp16")  # columns of the training summary, then any other, by name
+_LAYOUT_ORDER = ("contiguous", "channels_last")
 _KIND_ORDER = ("matmul", "interface_overhead", "train_step", "epoch", "launch", "time_to_accuracy", "export",
                "verify")
-# The issues' targets on a 2-core CPU: (what, threshold).
+# The issues' targets on a 2-core CPU, for the tutorial network's rows: (what, threshold).
+TARGET_MODEL = "tutorial"
 TARGET_ORT_BATCH1 = 6.0  # ONNX Runtime batch-1 latency at least 6× lower than eager
 TARGET_ORT_BATCH1024 = 3.0  # ONNX Runtime batch-1024 throughput at least 3× eager
 TARGET_WRAPPER_OVERHEAD = 0.10  # Backend.predict_logits at most 10 % slower than InferenceSession.run, batch 1
@@ -111,6 +120,11 @@ def _format_of(backend: str) -> str:
     return backend
 
 
+def _model_of(info: dict[str, Any]) -> str | None:
+    """The model a row measured (None: the machine itself)."""
+    return None if info["kind"] in MACHINE_KINDS else str(info.get("model") or DEFAULT_MODEL)
+
+
 def _thread_key(threads: Any) -> tuple[int, float]:
     return (0, float(threads)) if isinstance(threads, (int, float)) else (1, 0.0)
 
@@ -126,23 +140,37 @@ def _inference_rows(data: dict[str, Any], path: Path) -> list[dict[str, Any]]:
         except (KeyError, TypeError, ValueError):
             raise BenchReportError(f"{path}: inference benchmark {info['name']!r} lacks backend/batch/threads "
                                    "in extra_info") from None
-        rows.append({"backend": backend, "batch": batch, "threads": threads, "median_ms": median * 1e3,
-                     "images_per_s": batch / median, "speedup_vs_eager": None})
-    # Speed-up over eager at the same batch and thread count; a non-numeric thread setting
-    # (ONNX Runtime's default) is compared with eager at the highest pinned thread count.
-    eager = {(r["batch"], r["threads"]): r["median_ms"] for r in rows if r["backend"] == "eager"}
-    counts = [t for (_, t) in eager if isinstance(t, (int, float))]
-    top = max(counts) if counts else None
+        rows.append({"model": _model_of(info), "backend": backend, "batch": batch, "threads": threads,
+                     "median_ms": median * 1e3, "images_per_s": batch / median, "speedup_vs_eager": None,
+                     "weights": info.get("weights")})
+    # Speed-up over the same model's eager at the same batch and thread count; a non-numeric thread
+    # setting (ONNX Runtime's default) is compared with that model's eager at its highest pinned count.
+    eager = {(r["model"], r["batch"], r["threads"]): r["median_ms"] for r in rows if r["backend"] == "eager"}
+    top: dict[str, float] = {}
+    for model, _, t in eager:
+        if isinstance(t, (int, float)):
+            top[model] = max(t, top.get(model, t))
     for r in rows:
-        base = eager.get((r["batch"], r["threads"] if isinstance(r["threads"], (int, float)) else top))
+        threads = r["threads"] if isinstance(r["threads"], (int, float)) else top.get(r["model"])
+        base = eager.get((r["model"], r["batch"], threads))
         r["speedup_vs_eager"] = base / r["median_ms"] if base else None
-    rows.sort(key=lambda r: (r["batch"], formats.order(_format_of(r["backend"])), r["backend"],
+    models = _first_seen(r["model"] for r in rows)
+    rows.sort(key=lambda r: (models[r["model"]], r["batch"], formats.order(_format_of(r["backend"])), r["backend"],
                              _thread_key(r["threads"])))
     return rows
 
 
+def _first_seen(models: Iterable[str | None]) -> dict[str | None, int]:
+    """model -> its rank in order of first appearance (the machine's rows, None, first)."""
+    order: dict[str | None, int] = {None: -1}
+    for m in models:
+        order.setdefault(m, len(order) - 1)
+    return order
+
+
 def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Inference rows {backend, batch, threads, median_ms, images_per_s, speedup_vs_eager} of the files.
+    """Inference rows {model, backend, batch, threads, median_ms, images_per_s, speedup_vs_eager, weights} of the
+    files (`weights`: what the file says the model's weights were, else None).
 
     With several files every row also names its `file`; speed-ups are computed within each file.
     """
@@ -167,14 +195,16 @@ def load_other_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 median = info["interleaved_predict_logits_ms"] / 1e3
             elif info["kind"] in ("inference", "serving"):
                 continue
-            row = {"kind": info["kind"], "label": info.get("label") or info["name"], "median_s": median,
-                   "images_per_s": info.get("images_per_s"), "share_of_matmul_peak": info.get("share_of_matmul_peak"),
-                   "threads": info.get("threads"), "info": info}
+            row = {"kind": info["kind"], "model": _model_of(info), "label": info.get("label") or info["name"],
+                   "median_s": median, "images_per_s": info.get("images_per_s"),
+                   "share_of_matmul_peak": info.get("share_of_matmul_peak"), "threads": info.get("threads"),
+                   "info": info}
             if len(paths) > 1:
                 row["file"] = str(path)
             out.append(row)
     order = {k: i for i, k in enumerate(_KIND_ORDER)}
-    out.sort(key=lambda r: (r.get("file", ""), order.get(r["kind"], len(order))))
+    models = _first_seen(r["model"] for r in out)
+    out.sort(key=lambda r: (models[r["model"]], r.get("file", ""), order.get(r["kind"], len(order))))
     return out
 
 
@@ -314,9 +344,9 @@ def _serving_targets(serving: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]],
-             serving: Sequence[dict[str, Any]] = ()) -> list[str]:
-    """The issue's targets, measured: met only if every comparable row meets it (no cherry-picking)."""
+def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets for the tutorial network, measured: met only if every comparable row meets it (no
+    cherry-picking)."""
     lines = []
 
     def check(what: str, ratios: list[tuple[str, float]], target: float) -> None:
@@ -325,6 +355,9 @@ def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]],
         worst = min(r for _, r in ratios)
         shown = ", ".join(f"{r:.2f}× ({label})" for label, r in ratios)
         lines.append(f"- {what} ≥ {target:g}×: {shown} — **{'met' if worst >= target else 'not met'}**")
+
+    rows = [r for r in rows if r["model"] == TARGET_MODEL]
+    other = [r for r in other if r["model"] == TARGET_MODEL]
 
     def ratios(name: str, batch: int) -> list[tuple[str, float]]:
         return [(f"threads {r['threads']}", r["speedup_vs_eager"]) for r in rows
@@ -350,7 +383,6 @@ def _targets(rows: list[dict[str, Any]], other: list[dict[str, Any]],
     ratios = [(precision, epochs[("fast", precision)] / epochs[("pil", precision)])
               for (path, precision) in epochs if path == "pil" and ("fast", precision) in epochs]
     check("fast training epoch vs the tutorial's PIL DataLoader (images/s, same batch)", ratios, TARGET_FAST_VS_PIL)
-    lines += _serving_targets(serving)
     tta = {r["info"].get("recipe"): r["info"] for r in other if r["kind"] == "time_to_accuracy" and "file" not in r}
     if "fast" in tta and "seed" in tta and tta["seed"].get("final_val_accuracy") is not None:
         goal = tta["seed"]["final_val_accuracy"]
@@ -383,25 +415,71 @@ def _table(header: list[str], rows: list[dict[str, Any]], cells: Callable[[dict[
     return lines + [""]
 
 
+def _inference_table(rows: list[dict[str, Any]]) -> list[str]:
+    return _table(["backend", "threads", "batch", "median ms / batch", "images/s", "speed-up vs eager"], rows,
+                  lambda r: [r["backend"], str(r["threads"]), str(r["batch"]), _num(r["median_ms"]),
+                             _num(r["images_per_s"]), _speedup(r["speedup_vs_eager"])])
+
+
+def _other_table(other: list[dict[str, Any]]) -> list[str]:
+    return _table(["benchmark", "threads", "median s", "images/s", "share of matmul peak", "notes"], other,
+                  lambda r: [r["label"], str(r["threads"] if r["threads"] is not None else "–"),
+                             _num(r["median_s"]), _num(r["images_per_s"]),
+                             _percent(r["share_of_matmul_peak"]), _notes(r)])
+
+
+def _train_step_summary(other: list[dict[str, Any]]) -> list[str]:
+    """Training images/s, one line per model and batch, one column per precision and memory format (the
+    train_step rows that name both; several files: none, their rows are in each model's table)."""
+    steps = [r for r in other if r["kind"] == "train_step" and r["images_per_s"] and "file" not in r
+             and r["info"].get("precision") and r["info"].get("memory_format")]
+    if not steps:
+        return []
+    def rank(value: str, known: tuple[str, ...]) -> tuple[int, str]:
+        return (known.index(value) if value in known else len(known), value)
+
+    columns = sorted({(r["info"]["precision"], r["info"]["memory_format"]) for r in steps},
+                     key=lambda c: (rank(c[0], _PRECISION_ORDER), rank(c[1], _LAYOUT_ORDER)))
+    lines = list(dict.fromkeys((r["model"], r["info"].get("batch")) for r in steps))
+    value = {(r["model"], r["info"].get("batch"), r["info"]["precision"], r["info"]["memory_format"]):
+             r["images_per_s"] for r in steps}
+    threads = sorted({str(r["threads"]) for r in steps})
+    out = [f"Training step images/s (forward, backward, SGD step; threads {', '.join(threads)}):", ""]
+    out.append("| model | batch | " + " | ".join(f"{p} {m}" for p, m in columns) + " |")
+    out.append("|" + "---|" * (len(columns) + 2))
+    for model, batch in lines:
+        out.append(f"| {model} | {batch} | " + " | ".join(_num(value.get((model, batch, p, m))) for p, m in columns)
+                   + " |")
+    return out + [""]
+
+
 def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | None = None,
                     machine: str | None = None, serving: list[dict[str, Any]] | None = None) -> str:
-    """The inference table (backend × batch), the other results in a second table, the serving table, and the
-    targets."""
+    """The machine's own rows, then one section per model (its inference table, then its other results), a
+    summary of training images/s per model, the serving table, and the targets."""
+    other = other or []
     out = []
     if machine:
         out += [f"Machine: {machine}", ""]
-    if rows:
-        out += _table(["backend", "threads", "batch", "median ms / batch", "images/s", "speed-up vs eager"], rows,
-                      lambda r: [r["backend"], str(r["threads"]), str(r["batch"]), _num(r["median_ms"]),
-                                 _num(r["images_per_s"]), _speedup(r["speedup_vs_eager"])])
-    if other:
-        out += _table(["benchmark", "threads", "median s", "images/s", "share of matmul peak", "notes"], other,
-                      lambda r: [r["label"], str(r["threads"] if r["threads"] is not None else "–"),
-                                 _num(r["median_s"]), _num(r["images_per_s"]),
-                                 _percent(r["share_of_matmul_peak"]), _notes(r)])
+    models = list(_first_seen([*(r["model"] for r in rows), *(r["model"] for r in other)]))
+    for model in models:
+        inference = [r for r in rows if r["model"] == model]
+        others = [r for r in other if r["model"] == model]
+        if not inference and not others:
+            continue
+        out += ["## The machine", ""] if model is None else [f"## Model `{model}`", ""]
+        weights = list(dict.fromkeys(r["weights"] for r in inference if r.get("weights")))
+        if weights:
+            out += [f"Inference weights: {'; '.join(weights)}.", ""]
+        if inference:
+            out += _inference_table(inference)
+        if others:
+            out += _other_table(others)
+    out += _train_step_summary(other)
     if serving:
-        out += ["Serving (`toolkit loadtest`, binary requests, client and server on this machine; medians over "
-                "rounds alternating with the no-op floor's):", ""]
+        out += ["## Serving", "",
+                "`toolkit loadtest`, binary requests, client and server on this machine; medians over rounds "
+                "alternating with the no-op floor's:", ""]
         out += _table(["server", "images / request", "concurrency", "requests/s", "images/s", "p50 ms", "p99 ms",
                        "no-op requests/s", "share of no-op", "server batch", "errors"], serving,
                       lambda r: [r["server"], str(r["batch"]), str(r["concurrency"]), _num(r["infer_per_s"]),
@@ -409,16 +487,20 @@ def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | No
                                  _num(r["floor_infer_per_s"]), _percent(r["share_of_floor"]),
                                  _num(r["server_avg_batch"]),
                                  ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"])
-    targets = _targets(rows, other or [], serving or [])
+    targets = _targets(rows, other)
     if targets:
-        out += ["Targets (this run):", *targets, ""]
+        out += [f"Targets (this run, model `{TARGET_MODEL}`):", *targets, ""]
+    serving_targets = _serving_targets(serving or [])
+    if serving_targets:
+        out += ["Serving targets (this run):", *serving_targets, ""]
     if not rows and not other and not serving:
         out.append("(no toolkit benchmark results in the file)")
     return "\n".join(out).rstrip() + "\n"
 
 
 def plot(rows: list[dict[str, Any]], png_path: Path) -> Path:
-    """Bar chart of inference images/s: one panel per batch size, one bar per backend and thread setting.
+    """Bar chart of inference images/s: one row of panels per model, one panel per batch size, one bar per
+    backend and thread setting.
 
     Drawn on a `matplotlib.figure.Figure` directly, as `toolkit.apps.plots` does: no pyplot, no GUI backend.
     """
@@ -426,27 +508,33 @@ def plot(rows: list[dict[str, Any]], png_path: Path) -> Path:
     batches = sorted({r["batch"] for r in rows})
     if not batches:
         raise BenchReportError("no inference rows to plot")
-    fig = Figure(figsize=(4.2 * len(batches), 0.45 * max(sum(r["batch"] == b for r in rows) for b in batches) + 1.6))
-    axes = fig.subplots(1, len(batches), squeeze=False)
+    models = [m for m in _first_seen(r["model"] for r in rows) if m is not None]
+    tallest = [max(sum(r["batch"] == b and r["model"] == m for r in rows) for b in batches) for m in models]
+    fig = Figure(figsize=(4.2 * len(batches), sum(0.45 * n + 1.2 for n in tallest) + 0.4))
+    axes = fig.subplots(len(models), len(batches), squeeze=False, gridspec_kw={"height_ratios": tallest})
     colors = {"eager": "#4c72b0", "torchscript": "#55a868", "pt2": "#8172b2", "onnx": "#c44e52", "onnx-fp16": "#dd8452",
               "onnx-int8": "#da8bc3"}
-    for ax, batch in zip(axes[0], batches):
-        selected = [r for r in rows if r["batch"] == batch]
-        labels = [(f"{Path(r['file']).stem}: " if "file" in r else "") + f"{r['backend']} t={r['threads']}"
-                  for r in selected]
-        values = [r["images_per_s"] for r in selected]
-        ax.barh(range(len(selected)), values,
-                color=[colors.get(_format_of(r["backend"]), "#937860") for r in selected])
-        ax.set_yticks(range(len(selected)), labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_title(f"batch {batch}", fontsize=10)
-        ax.set_xlabel("images/s (higher is better)", fontsize=8)
-        ax.tick_params(axis="x", labelsize=7)
-        for i, r in enumerate(selected):
-            if r["speedup_vs_eager"]:
-                ax.text(values[i], i, f" {r['speedup_vs_eager']:.1f}×", va="center", fontsize=7)
-        ax.set_xlim(0, max(values) * 1.25)
-    fig.suptitle("TutorialNet inference throughput (× = speed-up vs eager, same threads)", fontsize=10)
+    for model, panels in zip(models, axes):
+        for ax, batch in zip(panels, batches):
+            selected = [r for r in rows if r["batch"] == batch and r["model"] == model]
+            if not selected:
+                ax.set_axis_off()
+                continue
+            labels = [(f"{Path(r['file']).stem}: " if "file" in r else "") + f"{r['backend']} t={r['threads']}"
+                      for r in selected]
+            values = [r["images_per_s"] for r in selected]
+            ax.barh(range(len(selected)), values,
+                    color=[colors.get(_format_of(r["backend"]), "#937860") for r in selected])
+            ax.set_yticks(range(len(selected)), labels, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{model}, batch {batch}", fontsize=10)
+            ax.set_xlabel("images/s (higher is better)", fontsize=8)
+            ax.tick_params(axis="x", labelsize=7)
+            for i, r in enumerate(selected):
+                if r["speedup_vs_eager"]:
+                    ax.text(values[i], i, f" {r['speedup_vs_eager']:.1f}×", va="center", fontsize=7)
+            ax.set_xlim(0, max(values) * 1.25)
+    fig.suptitle("Inference throughput per model (× = speed-up vs eager, same model and threads)", fontsize=10)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
@@ -484,8 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", type=Path, nargs="*", metavar="FILE",
                         help="pytest-benchmark JSON files (default: the newest benchmarks/results/*.json)")
     parser.add_argument("--json", action="store_true",
-                        help="print the inference rows as JSON {backend, batch, threads, median_ms, images_per_s, "
-                             "speedup_vs_eager} instead of Markdown")
+                        help="print the inference rows as JSON {model, backend, batch, threads, median_ms, "
+                             "images_per_s, speedup_vs_eager, weights} instead of Markdown")
     parser.add_argument("--png", type=Path, default=None,
                         help="bar chart path (default: beside the newest FILE, .png; with --json only when given)")
     parser.add_argument("--no-png", dest="no_png", action="store_true", help="do not write the bar chart")

@@ -23,6 +23,7 @@ import pytest
 
 from benchmarks.common import THREADS_ALL, Scale, median_seconds, pinned_threads
 from benchmarks.conftest import Trained
+from benchmarks.model_rows import TRAINED_MODEL
 from toolkit.artifacts import formats
 from toolkit.artifacts.export import export_run
 from toolkit.artifacts.manifest import Manifest
@@ -38,7 +39,8 @@ def test_export(benchmark, trained: Trained, scale: Scale, tmp_path: Path, fmt: 
         return export_run(trained.run, out, [fmt], overwrite=True, log=lines.append)
 
     benchmark.group = "export"
-    benchmark.extra_info.update(kind="export", label=f"export {fmt}", format=fmt, threads=THREADS_ALL)
+    benchmark.extra_info.update(kind="export", model=TRAINED_MODEL, label=f"export {fmt}", format=fmt,
+                                threads=THREADS_ALL)
     with pinned_threads(THREADS_ALL):
         if benchmark.enabled:
             benchmark.pedantic(export, rounds=scale.export_rounds, warmup_rounds=1)
@@ -59,7 +61,8 @@ def test_verify(benchmark, trained: Trained, scale: Scale) -> None:
         report = benchmark.pedantic(verify, rounds=scale.verify_rounds)
     assert report.passed, report.format()
     formats = [r.name for r in report.results]
-    benchmark.extra_info.update(kind="verify", label=f"verify {len(formats)} formats on {report.n} images",
+    benchmark.extra_info.update(kind="verify", model=TRAINED_MODEL,
+                                label=f"verify {len(formats)} formats on {report.n} images",
                                 images=report.n, formats=formats, split=report.split, threads=THREADS_ALL,
                                 max_abs_diff={r.name: r.max_abs_diff for r in report.results})
     median = median_seconds(benchmark)

@@ -1,12 +1,16 @@
-"""Inference latency and throughput of every runtime on the trained TutorialNet, side by side.
+"""Inference latency and throughput of every runtime on each built-in model, side by side.
 
 What: `Backend.predict_logits(batch)` of `toolkit.artifacts.backends` (the same call `toolkit predict` and
 `toolkit verify` make) for every format of the registry: eager PyTorch (.safetensors), TorchScript
-(.ts), torch.export (.pt2) and ONNX Runtime (.onnx, and its fp16 and int8 variants), at batch 1, 64 and
-1024. The timed call includes the backend's input and output checks and the numpy <-> tensor
-hand-over, as a client sees it.
+(.ts), torch.export (.pt2) and ONNX Runtime (.onnx, and its fp16 and int8 variants). The timed call
+includes the backend's input and output checks and the numpy <-> tensor hand-over, as a client sees it.
 
-`test_session` times the raw `onnxruntime.InferenceSession.run` of the same fp32 session at batch 1,
+Models and rows (benchmarks/model_rows.py): the trained TutorialNet at batch 1, 64 and 1024, every format,
+every thread setting below; speednet and ResNet-18, untrained (random initialization, seed 0), at batch 1
+and 64, without pt2 and without ONNX Runtime's default-threads row, at least 3 timed rounds (not 5): they cost
+180× and 850× the tutorial's FLOPs per image, and one ResNet-18 batch of 64 takes most of a second on 2 cores.
+
+`test_session` times the raw `onnxruntime.InferenceSession.run` of the tutorial's fp32 session at batch 1,
 without the interface around it (row `onnx-session`): the report states the interface's overhead as
 `predict_logits` / `session.run` - 1 (target: at most 10 %).
 
@@ -14,19 +18,21 @@ Threads: torch formats at 1 and at all cores (`torch.set_num_threads`, process-w
 with its default session options (intra-op threads chosen by ORT: one per physical core) and with
 an explicit count, 1 and all cores (the backend then runs single-threaded sessions over slices of the
 batch on that many threads; `toolkit.artifacts.onnx_runtime`). "all" is the machine's core count, or
-`TOOLKIT_BENCH_THREADS`. Rows are compared with eager at the same batch and thread count (ORT's
-default with eager at all cores).
+`TOOLKIT_BENCH_THREADS`. Rows are compared with eager of the same model at the same batch and thread
+count (ORT's default with eager at all cores).
 
 Provider: ONNX Runtime rows run on `--provider` (default `cpu`; `pytest benchmarks --provider cuda`
 runs them on the GPU, named `onnx-cuda`, ...). benchmarks/test_gpu.py has the GPU rows proper.
 
-Inputs: 1024 normalized images of the held-out split the model did not train on (real CIFAR-10
-when present, else synthetic). Before timing, each runtime's logits on all 1024 are checked against
-eager's (`benchmarks.common.check_against_eager`: the verify tolerance for fp32 formats, the same class
-for 95 % of the images for fp16 and int8): a fast wrong answer is not a result.
+Inputs: 1024 normalized images of the held-out split the tutorial did not train on (real CIFAR-10
+when present, else synthetic). Before a runtime is timed, its logits on the model's check images (all 1024
+for the tutorial, the first 64 for the untrained models) are checked against eager's
+(`benchmarks.common.check_against_eager`: the verify tolerance for fp32 formats; for fp16 and int8 the same
+class for 95 % of the images of the trained model, logits within 10 % of eager's scale for untrained ones):
+a fast wrong answer is not a result.
 
-Rounds: calibrated to about 1 s of timing per case after a warm-up, calls shorter than 2 ms
-repeated within a round; pytest-benchmark's median is the latency per batch.
+Rounds: calibrated to about 1 s of timing per case after a warm-up (at least the model's minimum), calls
+shorter than 2 ms repeated within a round; pytest-benchmark's median is the latency per batch.
 """
 
 from __future__ import annotations
@@ -36,17 +42,19 @@ import pytest
 
 from benchmarks.common import (THREADS_ALL, Scale, check_against_eager, interleaved_medians, median_seconds,
                                pinned_threads, record_throughput, resolve_threads, time_call)
+from benchmarks.conftest import ModelExport
+from benchmarks.model_rows import MODEL_ROWS, TRAINED_MODEL
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import Backend, load_backend
 from toolkit.artifacts.metadata import INPUT_NAME, OUTPUT_NAME
 from toolkit.core.errors import ConfigError
 
-BATCHES = (1, 64, 1024)
-ORT_THREADS = ("default", 1, "all")
-# Every format of the registry; ONNX Runtime also with its own default thread pool.
-CASES = [(f.name, t) for f in formats.FORMATS for t in (ORT_THREADS if f.runtime == "onnxruntime" else (1, "all"))]
+# (model, format, thread setting, batch) of every row, model by model.
+CASES = [(m, *case) for m, rows in MODEL_ROWS.items() for case in rows.inference_cases()]
+ORT_THREADS = MODEL_ROWS[TRAINED_MODEL].ort_threads
 
 _loaded: dict[tuple[str, str, int | None, str], Backend] = {}
+_checked: dict[int, float] = {}  # id() of each loaded backend whose logits matched eager's -> largest |difference|
 
 
 def _backend(export_dir, name: str, threads: int | None, provider: str) -> Backend:
@@ -72,10 +80,11 @@ def _row_name(backend: Backend) -> str:
 
 
 def _describe(benchmark, backend: Backend, threads: int | str, count: int | None, torch_threads: int, batch: int,
-              source: str, flops_per_image: int) -> None:
-    benchmark.group = f"inference batch {batch}"
+              source: str, flops_per_image: int, model: ModelExport) -> None:
+    benchmark.group = f"inference {model.model} batch {batch}"
     benchmark.extra_info.update(
-        kind="inference", backend=_row_name(backend), batch=batch, threads=threads if count is None else count,
+        kind="inference", model=model.model, weights=model.weights, backend=_row_name(backend), batch=batch,
+        threads=threads if count is None else count,
         thread_setting=("ORT default session options" if count is None else
                         "single-threaded ORT sessions over batch slices on N threads"
                         if backend.format.runtime == "onnxruntime" else "torch.set_num_threads"),
@@ -83,28 +92,32 @@ def _describe(benchmark, backend: Backend, threads: int | str, count: int | None
         file=backend.format.file, data=source, flops_per_image=flops_per_image)
 
 
-@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("backend,threads", CASES, ids=[f"{b}-t{t}" for b, t in CASES])
-def test_inference(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_per_image: int, provider: str,
-                   backend: str, threads: int | str, batch: int) -> None:
+@pytest.mark.parametrize("model,backend,threads,batch", CASES, ids=[f"{m}-{b}-t{t}-b{n}" for m, b, t, n in CASES])
+def test_inference(benchmark, model_export, inputs, scale: Scale, matmul_peak, model_flops, provider: str,
+                   model: str, backend: str, threads: int | str, batch: int) -> None:
+    exported = model_export(model)
+    flops_per_image = model_flops(model)
     count = resolve_threads(threads)
-    runtime = _backend(trained.export, backend, count, provider)
+    runtime = _backend(exported.export, backend, count, provider)
     x = np.ascontiguousarray(inputs.images[:batch])
     # ORT's default intra-op pool has one thread per physical core; torch formats always pinned.
     torch_threads = count if count is not None else THREADS_ALL
     with pinned_threads(torch_threads):
-        logits = runtime.predict_logits(inputs.images)
-        check_against_eager(backend, logits, inputs.eager_logits, gpu=runtime.provider != "cpu")
-        _describe(benchmark, runtime, threads, count, torch_threads, batch, inputs.source, flops_per_image)
-        benchmark.extra_info["max_abs_diff_vs_eager"] = float(np.abs(logits - inputs.eager_logits).max())
-        time_call(benchmark, lambda: runtime.predict_logits(x), scale)
+        _describe(benchmark, runtime, threads, count, torch_threads, batch, inputs.source, flops_per_image, exported)
+        if id(runtime) not in _checked:  # once per loaded runtime, whatever the batch of the row
+            logits = runtime.predict_logits(inputs.images[:len(exported.eager_logits)])
+            check_against_eager(backend, logits, exported.eager_logits, gpu=runtime.provider != "cpu",
+                                trained=exported.trained)
+            _checked[id(runtime)] = float(np.abs(logits - exported.eager_logits).max())
+        benchmark.extra_info["max_abs_diff_vs_eager"] = _checked[id(runtime)]
+        time_call(benchmark, lambda: runtime.predict_logits(x), scale, min_rounds=MODEL_ROWS[model].min_rounds)
     median = median_seconds(benchmark)  # seconds per batch; None when benchmarking is disabled
     if median is not None:
         record_throughput(benchmark, batch, median, flops_per_image, matmul_peak(torch_threads))
 
 
 @pytest.mark.parametrize("threads", ORT_THREADS, ids=lambda t: f"t{t}")
-def test_session(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_per_image: int, provider: str,
+def test_session(benchmark, model_export, inputs, scale: Scale, matmul_peak, flops_per_image: int, provider: str,
                  threads: int | str) -> None:
     """The raw `InferenceSession.run` of the session behind the `onnx` rows, batch 1: the interface's cost.
 
@@ -113,10 +126,11 @@ def test_session(benchmark, trained, inputs, scale: Scale, matmul_peak, flops_pe
     rows measured minutes apart on a shared VM differ by more than the 5 µs being measured.
     """
     count = resolve_threads(threads)
-    runtime = _backend(trained.export, formats.ONNX.name, count, provider)
+    exported = model_export(TRAINED_MODEL)
+    runtime = _backend(exported.export, formats.ONNX.name, count, provider)
     session, x = runtime.session, np.ascontiguousarray(inputs.images[:1])
     np.testing.assert_array_equal(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], runtime.predict_logits(x))
-    _describe(benchmark, runtime, threads, count, count or THREADS_ALL, 1, inputs.source, flops_per_image)
+    _describe(benchmark, runtime, threads, count, count or THREADS_ALL, 1, inputs.source, flops_per_image, exported)
     benchmark.extra_info.update(backend=f"{_row_name(runtime)}-session", timed="InferenceSession.run, no checks")
     time_call(benchmark, lambda: session.run([OUTPUT_NAME], {INPUT_NAME: x}), scale)
     median = median_seconds(benchmark)

@@ -1,9 +1,12 @@
 """Training throughput: the step, a whole epoch, 1 vs 2 processes, and time-to-accuracy.
 
-- `test_train_step[precision-batch]`: one `toolkit.training.train.train_step` (forward, fp32 loss, backward,
-  SGD step) on an in-memory batch, fp32 vs bf16 autocast, at batch 4 (the tutorial's) and the fast
-  recipe's batch (`RECIPES["fast"]`, 128), all cores (`torch.set_num_threads`). Rounds calibrated
-  to about 1 s.
+- `test_train_step[model-batch-layout-precision]`: one `toolkit.training.train.train_step` (forward, fp32 loss,
+  backward, SGD step) on an in-memory batch, fp32 vs bf16 autocast, per built-in model (random
+  initialization, seed 0), in contiguous (NCHW) and channels_last memory format (model and batch converted
+  with `.to(memory_format=...)` / `.contiguous(memory_format=...)` before the step), all cores
+  (`torch.set_num_threads`). Rows (benchmarks/model_rows.py): the tutorial at batch 4 (its own) and the fast
+  recipe's batch (`RECIPES["fast"]`, 128), channels_last at 128 only, rounds calibrated to about 1 s;
+  speednet and ResNet-18 at 128 in both layouts, 3 timed steps after one warm-up step.
 - `test_epoch[path-precision]`: one pass over the same `epoch_images` training images (10,000 of the
   real CIFAR-10 split when present, else synthetic; evenly spaced over the classes) at the fast
   recipe's batch size, every batch through `train_step`, with the model, optimizer and loader
@@ -47,6 +50,7 @@ from torch import nn
 from benchmarks.common import (ROOT, THREADS_ALL, Scale, median_seconds, pinned_threads, real_data_dir,
                                record_throughput, steady_images_per_s, time_call)
 from benchmarks.flops import TRAINING_FACTOR
+from benchmarks.model_rows import MEMORY_FORMATS, MODEL_ROWS, TRAINED_MODEL
 from toolkit.training.config import RECIPES, DataConfig, OptimConfig
 from toolkit.training.data import Split, load_splits, make_loader, make_synthetic, normalize, write_imagefolder
 from toolkit.training.metrics import read_metrics
@@ -113,9 +117,10 @@ def epoch_data(scale: Scale, tmp_path_factory: pytest.TempPathFactory) -> EpochD
     return EpochData(split, folder, None, f"synthetic ({len(split)} images; PNG folder for the PIL loader)")
 
 
-def _model_and_optimizer(accelerator, lr: float = 0.01):
+def _model_and_optimizer(accelerator, lr: float = 0.01, name: str = TRAINED_MODEL,
+                         memory_format: torch.memory_format = torch.contiguous_format):
     torch.manual_seed(0)
-    model = build_model("tutorial", 10)
+    model = build_model(name, 10).to(memory_format=memory_format)
     optimizer = build_optimizer(model, OptimConfig(lr=lr, momentum=0.9))  # the trainer's fused SGD
     return accelerator.prepare(model, optimizer)
 
@@ -150,26 +155,44 @@ def _epoch(model, loader, optimizer, loss_fn, accelerator) -> int:
 # Training step and epoch
 
 
-@pytest.mark.parametrize("batch", [4, EPOCH_BATCH], ids=lambda b: f"b{b}")
+# (model, batch, memory format) of every train_step row, each at every precision.
+STEP_CASES = [(m, batch, layout) for m, rows in MODEL_ROWS.items() for batch, layout in rows.train]
+
+
 @pytest.mark.parametrize("precision", list(PRECISIONS))
-def test_train_step(benchmark, accelerator_for, scale: Scale, matmul_peak, flops_per_image: int,
-                    precision: str, batch: int) -> None:
+@pytest.mark.parametrize("model,batch,layout", STEP_CASES, ids=[f"{m}-b{b}-{l}" for m, b, l in STEP_CASES])
+def test_train_step(benchmark, accelerator_for, scale: Scale, matmul_peak, model_flops, model: str, batch: int,
+                    layout: str, precision: str) -> None:
     accelerator = accelerator_for(precision)
-    model, optimizer = _model_and_optimizer(accelerator)
+    memory_format = MEMORY_FORMATS[layout]
+    model_net, optimizer = _model_and_optimizer(accelerator, name=model, memory_format=memory_format)
+    batch = min(batch, scale.train_batch_cap or batch)
     split, _ = make_synthetic(max(batch, 10), 1)
-    images, labels = normalize(split.images[:batch]), split.labels[:batch]
+    images = normalize(split.images[:batch]).contiguous(memory_format=memory_format)
+    labels = split.labels[:batch]
+    assert images.is_contiguous(memory_format=memory_format)
     loss_fn = nn.CrossEntropyLoss()
-    benchmark.group = "training step"
-    benchmark.extra_info.update(kind="train_step", label=f"train_step {precision} batch {batch}",
-                                precision=precision, batch=batch, threads=THREADS_ALL,
-                                flops_per_image=TRAINING_FACTOR * flops_per_image)
+    flops = TRAINING_FACTOR * model_flops(model)
+    rounds = MODEL_ROWS[model].train_rounds
+    benchmark.group = f"training step {model}"
+    benchmark.extra_info.update(kind="train_step", model=model, label=f"train_step {precision} {layout} batch {batch}",
+                                precision=precision, memory_format=layout, batch=batch, threads=THREADS_ALL,
+                                flops_per_image=flops)
+
+    def step() -> torch.Tensor:
+        return train_step(model_net, images, labels, optimizer, loss_fn, accelerator)
+
     with pinned_threads(THREADS_ALL):
-        model.train()
-        loss = time_call(benchmark, lambda: train_step(model, images, labels, optimizer, loss_fn, accelerator), scale)
+        model_net.train()
+        if rounds is None or benchmark.disabled:
+            loss = time_call(benchmark, step, scale)
+        else:  # a heavy model: a few whole steps, the first one (kernel creation, allocator growth) untimed
+            benchmark.extra_info.update(rounds=rounds, iterations=1, warmup_rounds=1)
+            loss = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
     assert torch.isfinite(loss).item()
     median = median_seconds(benchmark)
     if median is not None:
-        record_throughput(benchmark, batch, median, TRAINING_FACTOR * flops_per_image, matmul_peak(THREADS_ALL))
+        record_throughput(benchmark, batch, median, flops, matmul_peak(THREADS_ALL))
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
@@ -187,8 +210,8 @@ def test_epoch(benchmark, accelerator_for, epoch_data: EpochData, scale: Scale, 
     n = len(epoch_data.split)
     benchmark.group = "training epoch"
     benchmark.extra_info.update(
-        kind="epoch", label=f"epoch {path} {precision} batch {EPOCH_BATCH}", path=path, precision=precision,
-        batch=EPOCH_BATCH, threads=THREADS_ALL, images=n, data=epoch_data.source,
+        kind="epoch", model=TRAINED_MODEL, label=f"epoch {path} {precision} batch {EPOCH_BATCH}", path=path,
+        precision=precision, batch=EPOCH_BATCH, threads=THREADS_ALL, images=n, data=epoch_data.source,
         loader=("ImageFolder+ToTensor+Normalize, DataLoader num_workers=2" if path == "pil" else
                 "toolkit.training.data.make_loader (in memory)" + (", crop+flip" if path == "fast-aug" else "")),
         flops_per_image=TRAINING_FACTOR * flops_per_image)
@@ -251,7 +274,8 @@ def test_launch(benchmark, scale: Scale, matmul_peak, flops_per_image: int,
             "--log-every", str(scale.launch_log_every), "--threads", str(threads),
             "--expect-processes", str(processes), "--output-dir", str(tmp_path / "run")]
     benchmark.group = "training launch"
-    benchmark.extra_info.update(kind="launch", label=f"accelerate launch {processes} process(es) × {threads} thread(s)",
+    benchmark.extra_info.update(kind="launch", model=TRAINED_MODEL,
+                                label=f"accelerate launch {processes} process(es) × {threads} thread(s)",
                                 processes=processes, threads=threads, batch=global_batch // processes,
                                 global_batch=global_batch, steps=steps, launch_config=f"launch/{config}",
                                 data=data_args[1], flops_per_image=TRAINING_FACTOR * flops_per_image)
@@ -315,8 +339,8 @@ def test_time_to_accuracy(benchmark, scale: Scale, tmp_path: Path, recipe: str) 
     final = json.loads((run / "eval.json").read_text())
     config = json.loads((run / "config.json").read_text())
     benchmark.extra_info.update(
-        kind="time_to_accuracy", label=" ".join(["toolkit train --recipe", recipe, *RECIPE_BENCH_ARGS[recipe]]),
-        recipe=recipe, data=data,
+        kind="time_to_accuracy", model=config.get("model", TRAINED_MODEL),
+        label=" ".join(["toolkit train --recipe", recipe, *RECIPE_BENCH_ARGS[recipe]]), recipe=recipe, data=data,
         threads=THREADS_ALL, epochs=len(epochs), batch=config.get("batch_size"),
         train_seconds=epochs[-1]["train_seconds"], wall_seconds=wall,
         final_val_accuracy=epochs[-1]["val_accuracy"], eval_accuracy=final.get("accuracy"),

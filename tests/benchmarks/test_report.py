@@ -1,5 +1,5 @@
 """`python -m benchmarks.report` on a small hand-written pytest-benchmark JSON: table numbers, --json rows,
-the PNG chart, the default (newest) file and clean errors."""
+the PNG chart, the default (newest) file, clean errors, and rows grouped by model."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ def _bench(name: str, median_s: float, **extra) -> dict:
                       "hd15iqr": median_s, "ops": 1 / median_s, "total": 5 * median_s, "iterations": 1}}
 
 
-def _inference(backend: str, batch: int, threads, median_s: float) -> dict:
-    return _bench(f"test_inference[{backend}-t{threads}-b{batch}]", median_s, kind="inference", backend=backend,
-                  batch=batch, threads=threads)
+def _inference(backend: str, batch: int, threads, median_s: float, **extra) -> dict:
+    return _bench(f"test_inference[{extra.get('model', '')}{backend}-t{threads}-b{batch}]", median_s,
+                  kind="inference", backend=backend, batch=batch, threads=threads, **extra)
 
 
 RESULTS = {
@@ -82,7 +82,9 @@ def test_rows_and_speedups(results: Path) -> None:
         ("eager", 1, 1), ("eager", 1, 2), ("onnx", 1, 1), ("onnx", 1, "default"),
         ("eager", 1024, 1), ("onnx", 1024, 1)]
     by = {(r["backend"], r["batch"], r["threads"]): r for r in rows}
-    assert all(set(r) == {"backend", "batch", "threads", "median_ms", "images_per_s", "speedup_vs_eager"} for r in rows)
+    assert all(set(r) == {"model", "backend", "batch", "threads", "median_ms", "images_per_s", "speedup_vs_eager",
+                          "weights"} for r in rows)
+    assert {(r["model"], r["weights"]) for r in rows} == {("tutorial", None)}  # rows that name no model
     assert by[("eager", 1, 1)]["speedup_vs_eager"] == pytest.approx(1.0)
     assert by[("onnx", 1, 1)]["median_ms"] == pytest.approx(0.05)
     assert by[("onnx", 1, 1)]["images_per_s"] == pytest.approx(20000)
@@ -120,8 +122,9 @@ def test_cli_json_rows_and_png(results: Path, tmp_path: Path) -> None:
     proc = report_cli(str(results), "--json", "--png", str(png))
     assert_ok(proc)
     rows = json.loads(proc.stdout)
-    assert rows[2] == {"backend": "onnx", "batch": 1, "threads": 1, "median_ms": pytest.approx(0.05),
-                       "images_per_s": pytest.approx(20000), "speedup_vs_eager": pytest.approx(8.0)}
+    assert rows[2] == {"model": "tutorial", "backend": "onnx", "batch": 1, "threads": 1,
+                       "median_ms": pytest.approx(0.05), "images_per_s": pytest.approx(20000),
+                       "speedup_vs_eager": pytest.approx(8.0), "weights": None}
     assert [r["speedup_vs_eager"] for r in rows] == pytest.approx([1.0, 1.0, 8.0, 6.25, 1.0, 2.5])
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
@@ -252,3 +255,80 @@ def test_serving_table_shares_and_targets(tmp_path: Path) -> None:
     assert ("- toolkit serve, single-image requests: ≥ the naive inline server's requests/s at every concurrency "
             "(as shares of the floor beside each): 0.75× (concurrency 1), 1.12× (concurrency 32) — **not met**"
             ) in text
+
+
+def _step(model: str, precision: str, layout: str, batch: int, images_per_s: float) -> dict:
+    return _bench(f"test_train_step[{model}-b{batch}-{layout}-{precision}]", batch / images_per_s, kind="train_step",
+                  model=model, label=f"train_step {precision} {layout} batch {batch}", precision=precision,
+                  memory_format=layout, batch=batch, threads=2, images_per_s=images_per_s)
+
+
+PER_MODEL = {**RESULTS, "benchmarks": [
+    _bench("test_matmul_peak[t1]", 0.026, kind="matmul", label="torch.mm 1024×1024 fp32", threads=1, gflops=82.0),
+    _inference("eager", 1, 1, 0.0004, model="tutorial", weights="trained"),
+    _inference("onnx", 1, 1, 0.00005, model="tutorial", weights="trained"),
+    _inference("eager", 1, 2, 0.020, model="resnet18", weights="untrained: random initialization, seed 0"),
+    _inference("eager", 1, 1, 0.030, model="resnet18", weights="untrained: random initialization, seed 0"),
+    _inference("onnx", 1, 1, 0.015, model="resnet18", weights="untrained: random initialization, seed 0"),
+    _inference("onnx", 64, 2, 0.5, model="resnet18", weights="untrained: random initialization, seed 0"),
+    _inference("eager", 64, 2, 1.0, model="resnet18", weights="untrained: random initialization, seed 0"),
+    _step("tutorial", "fp32", "contiguous", 128, 10000.0),
+    _step("tutorial", "fp32", "channels_last", 128, 9000.0),
+    _step("resnet18", "fp32", "contiguous", 128, 20.0),
+    _step("resnet18", "bf16", "channels_last", 128, 30.0),
+    _step("resnet18", "fp32", "channels_last", 128, 25.0),
+]}
+
+
+@pytest.fixture
+def per_model(tmp_path: Path) -> Path:
+    path = tmp_path / "per-model.json"
+    path.write_text(json.dumps(PER_MODEL))
+    return path
+
+
+def test_rows_are_grouped_and_compared_within_their_model(per_model: Path) -> None:
+    rows = load_rows([per_model])
+    assert [(r["model"], r["backend"], r["batch"], r["threads"]) for r in rows] == [
+        ("tutorial", "eager", 1, 1), ("tutorial", "onnx", 1, 1),
+        ("resnet18", "eager", 1, 1), ("resnet18", "eager", 1, 2), ("resnet18", "onnx", 1, 1),
+        ("resnet18", "eager", 64, 2), ("resnet18", "onnx", 64, 2)]
+    by = {(r["model"], r["backend"], r["batch"], r["threads"]): r for r in rows}
+    assert by[("tutorial", "onnx", 1, 1)]["speedup_vs_eager"] == pytest.approx(8.0)  # 0.4 ms / 0.05 ms
+    assert by[("resnet18", "onnx", 1, 1)]["speedup_vs_eager"] == pytest.approx(2.0)  # 30 ms / 15 ms, not tutorial's
+    assert by[("resnet18", "onnx", 64, 2)]["speedup_vs_eager"] == pytest.approx(2.0)
+    other = load_other_rows([per_model])
+    assert [(r["model"], r["kind"]) for r in other][:3] == [(None, "matmul"), ("tutorial", "train_step"),
+                                                          ("tutorial", "train_step")]
+    assert {r["model"] for r in other if r["kind"] == "train_step"} == {"tutorial", "resnet18"}
+
+
+def test_markdown_has_a_section_per_model(per_model: Path) -> None:
+    text = render_markdown(load_rows([per_model]), load_other_rows([per_model]), "Test CPU")
+    lines = text.splitlines()
+    headings = [l for l in lines if l.startswith("## ")]
+    assert headings == ["## The machine", "## Model `tutorial`", "## Model `resnet18`"]
+    tutorial, resnet = lines.index("## Model `tutorial`"), lines.index("## Model `resnet18`")
+    assert tutorial < lines.index("| onnx | 1 | 1 | 0.05 | 20,000 | 8.00× |") < resnet
+    assert resnet < lines.index("| onnx | 1 | 1 | 15 | 66.7 | 2.00× |")
+    assert lines.index("Inference weights: untrained: random initialization, seed 0.") > resnet
+    assert lines.index("Inference weights: trained.") < resnet
+    assert any(l.startswith("| torch.mm 1024×1024 fp32 | 1 |") for l in lines[:tutorial])
+    assert resnet < next(i for i, l in enumerate(lines) if l.startswith("| train_step bf16 channels_last batch 128 |"))
+    # One summary line per model: training images/s per precision and memory format, "–" where not measured.
+    assert "| model | batch | fp32 contiguous | fp32 channels_last | bf16 channels_last |" in lines  # sorted
+    assert "| tutorial | 128 | 10,000 | 9,000 | – |" in lines
+    assert "| resnet18 | 128 | 20 | 25 | 30 |" in lines
+    # The targets are the tutorial's: resnet18's 2× does not enter them.
+    assert "- ONNX Runtime batch-1 latency vs eager ≥ 6×: 8.00× (threads 1) — **met**" in text
+
+
+def test_chart_has_a_panel_row_per_model(per_model: Path, tmp_path: Path) -> None:
+    png = plot(load_rows([per_model]), tmp_path / "models.png")
+    from PIL import Image
+
+    with Image.open(png) as im:
+        width, height = im.size
+    single = plot([r for r in load_rows([per_model]) if r["model"] == "resnet18"], tmp_path / "resnet18.png")
+    with Image.open(single) as im:
+        assert im.size[0] == width and im.size[1] < height  # the same batch columns, one panel row fewer
