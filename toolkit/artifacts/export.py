@@ -265,10 +265,14 @@ def write_onnx_int8(onnx_fp32: Path, path: Path, metadata: ArtifactMetadata, cal
                     calibration_info: dict[str, Any]) -> dict[str, Any]:
     """Static int8 quantization of the fp32 ONNX model (BatchNorms already folded into its convolutions) in QDQ
     form (QuantizeLinear/DequantizeLinear pairs around each quantized operator, which ONNX Runtime's CPU provider
-    fuses into int8 kernels and TensorRT reads as explicit quantization): symmetric int8 weights per output
-    channel, symmetric int8 activations with MinMax ranges from `calibration` (normalized N×3×32×32 float32
-    images) in batches of one size. Symmetric activations (S8S8) are what TensorRT requires; ONNX Runtime
-    recommends them as its default as well.
+    fuses into int8 kernels): symmetric int8 weights per output channel, uint8 activations with a zero point
+    (U8S8), MinMax ranges from `calibration` (normalized N×3×32×32 float32 images) in batches of one size.
+
+    U8S8, not S8S8: x86 int8 dot products (AVX-512 VNNI `vpdpbusd`, AVX2 `vpmaddubsw`) multiply unsigned by
+    signed bytes, and ONNX Runtime fuses uint8 QDQ convolutions into its fast kernels. Measured on ResNet-18
+    (batch 64, one thread, 2-core Zen 4 with VNNI): S8S8 QDQ ran at fp32's speed (25 vs 26 images/s), U8S8 QDQ
+    at 4× (104). An asymmetric uint8 range also spends all 256 levels on a ReLU's non-negative output. The
+    cost: TensorRT reads only symmetric int8 QDQ, so this file is for ONNX Runtime.
 
     Two kinds of operator stay fp32 (see `INT8_OPERATORS` and `INT8_MAX_WEIGHT_ERROR`): products of two
     activations (Mul), and convolutions whose weights int8 cannot represent closely.
@@ -291,12 +295,12 @@ def write_onnx_int8(onnx_fp32: Path, path: Path, metadata: ArtifactMetadata, cal
                 return None if batch_images is None else {INPUT_NAME: batch_images}
 
         quantize_static(str(onnx_fp32), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(INT8_OPERATORS),
                         nodes_to_exclude=list(excluded),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     return {"derived_from": formats.ONNX.file, "quantization": "static, QDQ", "weights": "int8 symmetric, per channel",
-            "activations": "int8 symmetric",
+            "activations": "uint8 with zero point",
             "calibration": {**calibration_info, "images": used, "batch": batch, "method": "MinMax"},
             "quantized_operators": list(INT8_OPERATORS), "kept_fp32_by_weight_error": excluded,
             "opset": _save_onnx(onnx.load(str(path)), path, metadata)}
