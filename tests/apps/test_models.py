@@ -72,21 +72,27 @@ def _label(proc) -> str:
     return json.loads(proc.stdout)[0]["class"]
 
 
-# The formats each built-in exports and verifies here. speednet's int8 file loses accuracy beyond the int8
-# policy (static QDQ after its frozen-scale BatchNorms and GELUs): `toolkit verify` reports it, so it is left out.
-FORMATS = {"resnet18": "torchscript,pt2,onnx,onnx-fp16,onnx-int8", "speednet": "torchscript,pt2,onnx,onnx-fp16"}
+# Every built-in through every format. speednet trains 4 epochs here: after 1 epoch on these 200 images its logits
+# lie within about 0.05 of each other (median top-2 margin 0.012), where int8's few-percent logit error flips 3 of
+# the 50 test predictions, so whether it passes the int8 policy (one image either way) is luck; after 4 epochs
+# its margins are like a real run's and int8 agrees with eager on every image.
+EPOCHS = {"resnet18": [], "speednet": ["--epochs", "4"]}
 
 
-@pytest.mark.parametrize("model", sorted(FORMATS))
+@pytest.mark.parametrize("model", sorted(EPOCHS))
 def test_a_builtin_model_runs_end_to_end(tmp_path: Path, model: str) -> None:
     run, export = tmp_path / "run", tmp_path / "export"
-    assert_ok(run_cli("run", "--model", model, *DATA, "--formats", FORMATS[model], "--output-dir", str(run),
+    assert_ok(run_cli("run", "--model", model, *DATA, *EPOCHS[model], "--output-dir", str(run),
                       "--export-dir", str(export), timeout=900))
     assert load_json(run / "config.json")["model"] == model
     assert load_json(run / "verify.json")["passed"] is True
     assert load_json(export / "manifest.json")["source"]["model"] == model
-    props = {p.key: json.loads(p.value) for p in onnx.load(str(export / "model.onnx")).metadata_props}
-    assert props["model"] == model
+    fp32 = onnx.load(str(export / "model.onnx"))
+    assert {p.key: json.loads(p.value) for p in fp32.metadata_props}["model"] == model
+    assert "BatchNormalization" not in {n.op_type for n in fp32.graph.node}  # folded into the convolutions
+    for file in ("model.fp16.onnx", "model.int8.onnx"):  # fp32 in and out, whatever the precision inside
+        graph = onnx.load(str(export / file)).graph
+        assert [v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)] == [onnx.TensorProto.FLOAT] * 2
     image = _image(tmp_path / "one.png")
     labels = {name: _label(run_cli("predict", str(export / name), str(image), "--json"))
               for name in ("model.onnx", "model.safetensors")}

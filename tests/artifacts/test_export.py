@@ -126,7 +126,8 @@ def test_fp16_and_int8_files(exported: Export) -> None:
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     conv_scale = next(t for t in int8.graph.initializer if t.name.startswith("conv1.weight") and "scale" in t.name)
     assert list(conv_scale.dims) == [6]  # one scale per output channel
-    assert manifest["model.int8.onnx"]["calibration"] == {"split": "train", "images": 450, "seed": 0,
+    # 450 training images drawn, 448 used: 7 batches of 64, every batch the same size.
+    assert manifest["model.int8.onnx"]["calibration"] == {"split": "train", "images": 448, "batch": 64, "seed": 0,
                                                           "data": "synthetic", "method": "MinMax"}
 
 
@@ -351,3 +352,90 @@ def test_overwrite_never_replaces_a_file_or_a_non_export_folder(exported: Export
         assert_clean_error(proc, str(tmp_path / "notes.txt"), "already exists" if not args else "not an export folder")
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def _randomize_batch_norms(model: torch.nn.Module) -> None:
+    """Running statistics and shifts as training leaves them (a fresh BatchNorm is the identity), seeded."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+
+
+@pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow), "speednet"])
+def test_batch_norms_are_folded_into_the_onnx_convolutions(tmp_path: Path, name: str) -> None:
+    """resnet18 (conv -> BN) and speednet (conv -> max-pool -> BN with scale 1/√var > 0): model.onnx has no
+    BatchNormalization node and gives the eager model's logits."""
+    from toolkit.artifacts.export import write_onnx
+    from toolkit.training.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    _randomize_batch_norms(model)
+    info = write_onnx(model, tmp_path / "model.onnx", ArtifactMetadata(CLASSES, list(MEAN), list(STD), model=name))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    if name == "speednet":  # its three BNs after a max-pool are folded by our pass (the exporter folds the others)
+        assert info["batch_norms_folded"] == 3
+    x = _batches()[7]
+    with torch.inference_mode():
+        eager = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(load_backend(tmp_path / "model.onnx").predict_logits(x), eager, atol=1e-4, rtol=1e-4)
+
+
+def _one_tap_filters(out_channels: int, in_channels: int, g: np.random.Generator) -> np.ndarray:
+    """Filters that are the identity (one centre tap of 1 per channel) plus small learned weights, as speednet's
+    identity-initialized convolutions are after training."""
+    w = 0.01 * g.standard_normal((out_channels, in_channels, 3, 3))
+    w[np.arange(out_channels), np.arange(out_channels) % in_channels, 1, 1] += 1.0
+    return w.astype(np.float32)
+
+
+def test_int8_weight_error_tells_one_tap_filters_from_ordinary_ones() -> None:
+    from toolkit.artifacts.export import INT8_MAX_WEIGHT_ERROR, int8_weight_error
+
+    g = np.random.default_rng(0)
+    assert int8_weight_error(g.standard_normal((64, 64, 3, 3))) < INT8_MAX_WEIGHT_ERROR
+    assert int8_weight_error(_one_tap_filters(64, 64, g)) > 2 * INT8_MAX_WEIGHT_ERROR
+    assert int8_weight_error(np.zeros((4, 3, 3, 3))) == 0.0
+
+
+def test_int8_keeps_products_and_one_tap_convolutions_fp32_and_calibrates_in_equal_batches(tmp_path: Path) -> None:
+    """images -> Conv (ordinary filters) -> y; y·y -> Conv (one-tap filters) -> logits: the first Conv is int8; the
+    Mul's output is not quantized and the second Conv stays fp32 (named in the details); 150 images calibrate as
+    two batches of 64."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from toolkit.artifacts.export import write_onnx_int8
+
+    g = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((0.2 * g.standard_normal((8, 3, 3, 3))).astype(np.float32), "w_plain"),
+             numpy_helper.from_array(_one_tap_filters(8, 8, g), "w_one_tap")]
+    nodes = [helper.make_node("Conv", ["images", "w_plain"], ["y"], name="plain", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["y", "y"], ["z"], name="square"),
+             helper.make_node("Conv", ["z", "w_one_tap"], ["logits"], name="one_tap", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 8, 32, 32])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "fp32.onnx"))
+
+    info = write_onnx_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", ArtifactMetadata(CLASSES, list(MEAN), list(STD)),
+                           g.standard_normal((150, 3, 32, 32)).astype(np.float32), {"split": "train"})
+    assert info["calibration"] == {"split": "train", "images": 128, "batch": 64, "method": "MinMax"}
+    assert list(info["kept_fp32_by_weight_error"]) == ["one_tap"]
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    producer = {out: n for n in model.graph.node for out in n.output}
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
+
+    def quantized(node_name: str, index: int) -> bool:  # its input `index` comes out of a DequantizeLinear
+        node = next(n for n in model.graph.node if n.name == node_name)
+        source = producer.get(node.input[index])
+        return source is not None and source.op_type == "DequantizeLinear"
+
+    assert quantized("plain", 0) and quantized("plain", 1)
+    assert dtypes[producer[next(n for n in model.graph.node if n.name == "plain").input[1]].input[0]] == TensorProto.INT8
+    square = next(n for n in model.graph.node if n.name == "square")
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == square.output[0] for n in model.graph.node)
+    assert not quantized("one_tap", 1) and dtypes["w_one_tap"] == TensorProto.FLOAT

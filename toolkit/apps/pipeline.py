@@ -19,7 +19,7 @@ import torch
 from accelerate import PartialState
 
 from toolkit.apps.report import EXPORT_MANIFEST, PLOTS, VERIFY, build_report, remove_outputs, save_predictions
-from toolkit.apps.verify import DEFAULT_ATOL, DEFAULT_RTOL, verify_and_report
+from toolkit.apps.verify import verify_and_report
 from toolkit.artifacts import formats
 from toolkit.artifacts.export import default_export_dir, export_run
 from toolkit.artifacts.manifest import MANIFEST, Manifest
@@ -65,15 +65,16 @@ def save_grid_predictions(run_dir: Path, cfg: TrainConfig, split: str, count: in
 
 
 def run_pipeline(cfg: TrainConfig, export_dir: Path | None = None, names: Sequence[str] = formats.EXPORTABLE,
-                 atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                 atol: float | None = None, rtol: float | None = None,
                  log: Callable[[str], None] = print) -> Path:
     """Train, export, verify, draw and report; return the run folder.
 
     `export_dir` defaults to exports/<run folder name>. An existing export of the same run (a rerun
     with `--resume latest` or `--overwrite`) is replaced; any other existing folder is refused before training.
     """
-    if atol < 0 or rtol < 0:
-        raise ConfigError(f"--atol/--rtol: must be >= 0, got {atol:g} and {rtol:g}")
+    negative = [f"--{flag} {value:g}" for flag, value in (("atol", atol), ("rtol", rtol)) if value is not None and value < 0]
+    if negative:  # None: the default rule, scaled with the model (toolkit.apps.verify)
+        raise ConfigError(f"{', '.join(negative)}: must be >= 0")
     _check_export_dir(export_dir, cfg.output_dir)
     # The run folder stays locked, and status.json records the whole command (a failed verification too).
     with open_run(cfg, "toolkit run") as session:
@@ -84,8 +85,8 @@ def run_pipeline(cfg: TrainConfig, export_dir: Path | None = None, names: Sequen
         return _publish(result, cfg, export_dir, names, atol, rtol, log)
 
 
-def _publish(result: TrainResult, cfg: TrainConfig, export_dir: Path | None, names: Sequence[str], atol: float,
-             rtol: float, log: Callable[[str], None]) -> Path:
+def _publish(result: TrainResult, cfg: TrainConfig, export_dir: Path | None, names: Sequence[str],
+             atol: float | None, rtol: float | None, log: Callable[[str], None]) -> Path:
     """Export, verify, draw and report a trained run (main process only)."""
     run_dir = result.run_dir
     remove_outputs(run_dir)  # a rerun (--resume latest, --overwrite) replaces them all

@@ -320,7 +320,7 @@ def _exports(run: RunFiles, pictures: dict[str, str]) -> list[str]:
     files = run.manifest.files if run.manifest else {}
     reduced = [f"{r.name} when its {r.tolerance}" for r in verify.results if formats.by_accuracy(r.name)]
     lines += [f"`{verify.export_dir}` checked against the eager model on all {verify.n} {verify.split} images; "
-              f"an fp32 format passes when every logit is within {verify.atol:g} + {verify.rtol:g}·|eager logit| "
+              f"an fp32 format passes when {verify.logit_tolerance.describe()} "
               "and no confident prediction flips"
               + "".join(f", {line} (reduced precision)" for line in reduced)
               + "; every file's sha256 must match the manifest.", ""]

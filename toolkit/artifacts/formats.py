@@ -5,9 +5,9 @@ tests all read this table; adding a format is one entry here plus its writer (`e
 for a new runtime, its loader (`backends`). Torch-free.
 
 Each entry also carries its verification policy (`Format.tolerance`): fp32 files must give the eager
-model's logits within `LogitTolerance` (`toolkit verify --atol/--rtol`); reduced-precision files
-(fp16, int8) cannot, by design, so they must give the eager model's accuracy within
-`AccuracyTolerance`, overall and for every class.
+model's logits within `LogitTolerance` and its predictions on at least `MIN_FP32_AGREEMENT` of the
+images; reduced-precision files (fp16, int8) cannot, by design, so they must give the eager model's
+accuracy within `AccuracyTolerance`, overall and for every class.
 """
 
 from __future__ import annotations
@@ -17,21 +17,54 @@ from pathlib import Path
 
 from toolkit.core.errors import ArtifactError, ConfigError
 
-# fp32 exports must give the eager model's logits within LOGIT_ATOL + LOGIT_RTOL·|eager logit|
-# (`toolkit verify --atol/--rtol`); float reordering between runtimes stays near 1e-6.
+# The fp32 logit tolerance, and why it scales with the model.
+#
+# An fp32 export computes the same function as the eager model in a different order (other convolution
+# algorithms, fused operators, other summation trees), so its logits differ by rounding, and that
+# rounding error grows with the network: each layer adds its own and passes on (often amplifies) what
+# it received. A fixed bound is therefore either loose for a small net or too tight for a deep one.
+# The bound used instead is measured on the model itself: its own fp32 rounding noise is
+#     noise = max |eager fp32 logit − eager float64 logit|
+# over the first `NOISE_IMAGES` images of the verified split (float64 stands in for the exact result).
+# Another correct fp32 implementation is off from the exact result by rounding of the same kind, so it
+# is within noise + (its own error) of eager; allowing `NOISE_FACTOR` = 10 times the noise covers an
+# implementation with up to 9 times eager's error (Winograd-type convolutions have a few times that of
+# direct ones, and a maximum over a few hundred logits understates the split's) while a real fault (a
+# wrong weight, operator or preprocessing step) moves logits by far more. Measured on 5,000 real images:
+# resnet18 noise 5.8e-7, its model.onnx off by at most 3.3e-6 (5.8× the noise); speednet 7.4e-7 and
+# 2.4e-6 (3.2×). Every logit must lie within
+#     max(LOGIT_ATOL, NOISE_FACTOR · noise) + LOGIT_RTOL·|eager logit|,
+# never less than the fixed floor of 1e-4 + 1e-4·|eager logit|, which is what a small net gets. On top of
+# that, at least `MIN_FP32_AGREEMENT` (99.9 %) of the predictions must equal eager's (never fewer than one
+# differing image allowed, the finest step a split can measure): a prediction may flip only at a near-tie,
+# and near-ties are rare. `toolkit verify --atol/--rtol` replace the rule by a fixed
+# bound atol + rtol·|eager logit| (no scaling); the agreement requirement stays.
 LOGIT_ATOL = 1e-4
 LOGIT_RTOL = 1e-4
+NOISE_FACTOR = 10.0
+NOISE_IMAGES = 32  # float64 runs of a deep net are slow on CPUs (ResNet-18: ~0.7 s per image on one core)
+MIN_FP32_AGREEMENT = 0.999
 
 
 @dataclass(frozen=True)
 class LogitTolerance:
-    """Every logit within atol + rtol·|eager logit| (the defaults of `toolkit verify --atol/--rtol`)."""
+    """Every logit within atol' + rtol·|eager logit|, where atol' = max(atol, NOISE_FACTOR·fp32_noise) when the
+    model's fp32 noise was measured (the default rule), else atol (`toolkit verify --atol/--rtol`)."""
 
     atol: float = LOGIT_ATOL
     rtol: float = LOGIT_RTOL
+    fp32_noise: float | None = None  # max |eager fp32 − eager float64| logit; None: a fixed bound, not scaled
+
+    @property
+    def effective_atol(self) -> float:
+        return self.atol if self.fp32_noise is None else max(self.atol, NOISE_FACTOR * self.fp32_noise)
 
     def describe(self) -> str:
-        return f"|Δlogit| <= {self.atol:g} + {self.rtol:g}·|eager|"
+        bound = f"|Δlogit| <= {self.effective_atol:.3g} + {self.rtol:g}·|eager|"
+        if self.fp32_noise is not None:
+            bound += (f" (max of {self.atol:g} and {NOISE_FACTOR:g}× the model's fp32 noise "
+                      f"{self.fp32_noise:.2g})")
+        return f"{bound}, predictions agree on >= {100 * MIN_FP32_AGREEMENT:g} %"
 
 
 @dataclass(frozen=True)
@@ -81,9 +114,10 @@ FORMATS: tuple[Format, ...] = (
     # images (3-epoch model): 2 predictions changed, accuracy unchanged.
     Format("onnx-fp16", "model.fp16.onnx", runtime="onnxruntime", program=False, exported=True, precision="fp16",
            tolerance=AccuracyTolerance(overall_pp=0.2, per_class_pp=1.0)),
-    # Static QDQ int8, per-channel weights, calibrated on training images (`export.write_onnx_int8`).
-    # Measured on the same images over several calibration settings: within 0.25 pp of eager overall and
-    # 1.6 pp per class, 98.2-98.7 % of predictions unchanged.
+    # Static QDQ int8 (uint8 activations, int8 per-channel weights), calibrated on training images
+    # (`export.write_onnx_int8`). Measured on 5,000 held-out real images (models trained briefly, about
+    # 41-43 % accurate): resnet18 +0.02 pp overall, at most 1.4 pp per class, 97.7 % of predictions
+    # unchanged; speednet +0.1 pp, 1.6 pp, 97.8 %.
     Format("onnx-int8", "model.int8.onnx", runtime="onnxruntime", program=False, exported=True, precision="int8",
            tolerance=AccuracyTolerance(overall_pp=1.0, per_class_pp=3.0)),
 )
