@@ -20,11 +20,13 @@ timed call) and `extra_info`, which the benchmark suite fills:
   `time_to_accuracy`, `bytes`, `images`; `train_step` rows also `precision`, `memory_format` and `batch`,
   which a summary table of training images/s per model reads.
 
-- serving rows (`kind == "serving"`, benchmarks/test_serving.py): `server` (naive, serve), `batch` (images per
-  request), `levels` (one `toolkit loadtest` level per round: `concurrency`, `infer_per_s`, `images_per_s`,
-  `latency_ms` p50/p99, `errors`, `server_avg_batch`) and `floor_levels`, the no-op server's rounds, each measured
-  just before the server's round of the same index. A row gives the median over its rounds (errors: the sum),
-  and its share of the floor is the median of the rounds' ratios.
+- serving rows (`kind == "serving"`, benchmarks/test_serving.py): `batch` (images per request), `floor` (the
+  no-op server's name), `servers` (per server, one `toolkit loadtest` level per round: `concurrency`,
+  `infer_per_s`, `images_per_s`, `latency_ms` p50/p99, `errors`, `server_avg_batch`; the servers' rounds of one
+  index were measured one after another) and `in_process` (per round: images/s and the median call in ms of the
+  model called in the benchmark's own process). A row per server and concurrency gives the median over its
+  rounds (errors: the sum); its share of the floor, its ratio to the naive server and its share of the
+  in-process images/s are medians of the rounds' ratios.
 
 `--json` prints the inference rows as `{model, backend, batch, threads, median_ms, images_per_s,
 speedup_vs_eager, weights}` (plus `file` when several files are given); otherwise a Markdown report is
@@ -65,6 +67,8 @@ TARGET_FAST_VS_PIL = 5.0  # fast training path at least 5× the tutorial DataLoa
 # least the naive inline server's at every concurrency measured.
 TARGET_SERVE_VS_FLOOR = 0.70
 TARGET_SERVE_FLOOR_CONCURRENCY = 32
+TARGET_SERVE_VS_IN_PROCESS = 0.50  # batch-64 requests: images/s through the server / in-process at batch 64
+TARGET_SERVE_ADDED_MS = 1.0  # concurrency 1: the server's p50 minus the in-process call's, ms
 NAIVE_SERVER, SERVE_SERVER = "naive", "serve"
 SESSION_SUFFIX = "-session"  # the raw InferenceSession.run row of an ONNX Runtime format
 _ROW_SUFFIXES = ("-device", SESSION_SUFFIX, "-cuda", "-tensorrt")  # what a row adds to its format's name
@@ -213,29 +217,50 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def _serving_row(info: dict[str, Any], concurrency: int) -> dict[str, Any]:
-    """The rounds of one serving benchmark at one concurrency, summarized (medians; errors summed)."""
-    rounds = [level for level in info["levels"] if int(level["concurrency"]) == concurrency]
-    floor = [level for level in info["floor_levels"] if int(level["concurrency"]) == concurrency]
-    errors: dict[str, int] = {}
-    for level in rounds:
-        for status, count in level["errors"].items():
-            errors[status] = errors.get(status, 0) + int(count)
-    return {"server": str(info["server"]), "batch": int(info["batch"]), "concurrency": concurrency,
-            "rounds": len(rounds), "infer_per_s": _median(float(r["infer_per_s"]) for r in rounds),
-            "images_per_s": _median(float(r["images_per_s"]) for r in rounds),
-            "p50_ms": _median(r["latency_ms"]["p50"] for r in rounds),
-            "p99_ms": _median(r["latency_ms"]["p99"] for r in rounds), "errors": errors,
-            "server_avg_batch": _median(r.get("server_avg_batch") for r in rounds),
-            "floor_infer_per_s": _median(float(f["infer_per_s"]) for f in floor),
-            "share_of_floor": _median(float(r["infer_per_s"]) / float(f["infer_per_s"])
-                                      for r, f in zip(rounds, floor) if float(f["infer_per_s"]) > 0)}
+def _serving_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """One serving benchmark's rows: per server (but the floor) and concurrency, its rounds summarized (medians;
+    errors summed), and its ratios to the servers and the in-process model measured in the same rounds."""
+    servers: dict[str, list[dict[str, Any]]] = info["servers"]
+    floor = servers[info["floor"]]
+    local = info.get("in_process") or []
+    rows = []
+    for server, levels in servers.items():
+        if server == info["floor"]:
+            continue
+        for concurrency in dict.fromkeys(int(level["concurrency"]) for level in levels):
+            at = [i for i, level in enumerate(levels) if int(level["concurrency"]) == concurrency]
+            rounds = [levels[i] for i in at]
+
+            def ratio(other: list[dict[str, Any]], key: str = "images_per_s") -> float | None:
+                """The median over rounds of this server's `key` over `other`'s in the same round."""
+                pairs = [(levels[i], other[i]) for i in at if i < len(other)]
+                return _median(float(r["images_per_s"]) / float(o[key]) for r, o in pairs if float(o[key]) > 0)
+
+            errors: dict[str, int] = {}
+            for level in rounds:
+                for status, count in level["errors"].items():
+                    errors[status] = errors.get(status, 0) + int(count)
+            rows.append({
+                "server": server, "batch": int(info["batch"]), "concurrency": concurrency, "rounds": len(rounds),
+                "infer_per_s": _median(float(r["infer_per_s"]) for r in rounds),
+                "images_per_s": _median(float(r["images_per_s"]) for r in rounds),
+                "p50_ms": _median(r["latency_ms"]["p50"] for r in rounds),
+                "p99_ms": _median(r["latency_ms"]["p99"] for r in rounds), "errors": errors,
+                "server_avg_batch": _median(r.get("server_avg_batch") for r in rounds),
+                "floor_infer_per_s": _median(float(floor[i]["infer_per_s"]) for i in at),
+                "share_of_floor": ratio(floor),
+                "vs_naive": ratio(servers[NAIVE_SERVER]) if server != NAIVE_SERVER and NAIVE_SERVER in servers else None,
+                "share_of_in_process": ratio(local) if local else None,
+                "added_p50_ms": _median(levels[i]["latency_ms"]["p50"] - float(local[i]["p50_ms"]) for i in at
+                                        if i < len(local) and levels[i]["latency_ms"]["p50"] is not None)})
+    return rows
 
 
 def load_serving_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
     """One row per server, batch and concurrency level of the serving benchmarks: {server, batch, concurrency,
     rounds, infer_per_s, images_per_s, p50_ms, p99_ms, errors, server_avg_batch, floor_infer_per_s,
-    share_of_floor} (+ `file`), medians over rounds, the floor being the no-op server measured beside it."""
+    share_of_floor, vs_naive, share_of_in_process, added_p50_ms} (+ `file`), medians over rounds; the ratios
+    pair each round with the floor's, the naive server's and the in-process model's measured beside it."""
     out = []
     order = {NAIVE_SERVER: 0, SERVE_SERVER: 1}
     for path in paths:
@@ -244,11 +269,10 @@ def load_serving_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
             if info["kind"] != "serving":
                 continue
             try:
-                levels = dict.fromkeys(int(level["concurrency"]) for level in info["levels"])
-                rows += [_serving_row(info, concurrency) for concurrency in levels]
+                rows += _serving_rows(info)
             except (KeyError, TypeError, ValueError, AttributeError):
-                raise BenchReportError(f"{path}: serving benchmark {info['name']!r} lacks server/batch/levels/"
-                                       "floor_levels in extra_info") from None
+                raise BenchReportError(f"{path}: serving benchmark {info['name']!r} lacks batch/floor/servers "
+                                       "in extra_info (written before this report's format?)") from None
         if len(paths) > 1:
             rows = [{**r, "file": str(path)} for r in rows]
         out += sorted(rows, key=lambda r: (r["batch"], r["concurrency"], order.get(r["server"], 2), r["server"]))
@@ -324,8 +348,8 @@ def _notes(row: dict[str, Any]) -> str:
 
 
 def _serving_targets(serving: Sequence[dict[str, Any]]) -> list[str]:
-    """`toolkit serve` against the no-op floor at concurrency 32, and against the naive server at every level
-    (their shares of the floor measured beside each, so that drift between the two cases cancels)."""
+    """`toolkit serve` against the no-op floor at concurrency 32, against the naive server at every level, and
+    against the model in-process (batch-64 images/s, concurrency-1 latency): ratios of rounds measured together."""
     share = {(r["server"], r["concurrency"]): r["share_of_floor"] for r in serving
              if r["batch"] == 1 and "file" not in r and r["share_of_floor"] is not None}
     lines = []
@@ -334,13 +358,24 @@ def _serving_targets(serving: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(f"- toolkit serve, single-image requests, concurrency {TARGET_SERVE_FLOOR_CONCURRENCY}: "
                      f"≥ {100 * TARGET_SERVE_VS_FLOOR:.0f} % of the no-op server's requests/s: {_percent(at)} — "
                      f"**{'met' if at >= TARGET_SERVE_VS_FLOOR else 'not met'}**")
-    ratios = [(c, value / share[(NAIVE_SERVER, c)]) for (server, c), value in sorted(share.items())
-              if server == SERVE_SERVER and share.get((NAIVE_SERVER, c))]
+    ratios = [(r["concurrency"], r["vs_naive"]) for r in serving if r["server"] == SERVE_SERVER and r["batch"] == 1
+              and "file" not in r and r["vs_naive"] is not None]
     if ratios:
         lines.append("- toolkit serve, single-image requests: ≥ the naive inline server's requests/s at every "
-                     "concurrency (as shares of the floor beside each): "
+                     "concurrency (median of the rounds' ratios): "
                      + ", ".join(f"{ratio:.2f}× (concurrency {c})" for c, ratio in ratios)
                      + f" — **{'met' if min(r for _, r in ratios) >= 1 else 'not met'}**")
+    serve = [r for r in serving if r["server"] == SERVE_SERVER and "file" not in r]
+    for r in serve:
+        if r["batch"] > 1 and r["share_of_in_process"] is not None:
+            lines.append(f"- toolkit serve, {r['batch']}-image requests from {r['concurrency']} clients: ≥ "
+                         f"{100 * TARGET_SERVE_VS_IN_PROCESS:.0f} % of the model's images/s in-process at that batch "
+                         f"(same threads, alternating rounds): {_percent(r['share_of_in_process'])} — "
+                         f"**{'met' if r['share_of_in_process'] >= TARGET_SERVE_VS_IN_PROCESS else 'not met'}**")
+        if r["batch"] == 1 and r["concurrency"] == 1 and r["added_p50_ms"] is not None:
+            lines.append(f"- toolkit serve, concurrency 1: adds ≤ {TARGET_SERVE_ADDED_MS:g} ms p50 over the "
+                         f"in-process call: +{r['added_p50_ms']:.2f} ms — "
+                         f"**{'met' if r['added_p50_ms'] <= TARGET_SERVE_ADDED_MS else 'not met'}**")
     return lines
 
 
@@ -478,13 +513,14 @@ def render_markdown(rows: list[dict[str, Any]], other: list[dict[str, Any]] | No
     out += _train_step_summary(other)
     if serving:
         out += ["## Serving", "",
-                "`toolkit loadtest`, binary requests, client and server on this machine; medians over rounds "
-                "alternating with the no-op floor's:", ""]
+                "`toolkit loadtest`, binary requests, client and servers on this machine; medians over rounds in "
+                "which the servers took turns (the no-op floor, the naive server, `toolkit serve`):", ""]
         out += _table(["server", "images / request", "concurrency", "requests/s", "images/s", "p50 ms", "p99 ms",
-                       "no-op requests/s", "share of no-op", "server batch", "errors"], serving,
+                       "no-op requests/s", "share of no-op", "vs naive", "server batch", "errors"], serving,
                       lambda r: [r["server"], str(r["batch"]), str(r["concurrency"]), _num(r["infer_per_s"]),
                                  _num(r["images_per_s"]), _num(r["p50_ms"]), _num(r["p99_ms"]),
                                  _num(r["floor_infer_per_s"]), _percent(r["share_of_floor"]),
+                                 "–" if r["vs_naive"] is None else f"{r['vs_naive']:.2f}×",
                                  _num(r["server_avg_batch"]),
                                  ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"])
     targets = _targets(rows, other)

@@ -217,44 +217,65 @@ def test_interface_overhead_measured_in_alternating_rounds_wins(tmp_path: Path) 
     assert "43.6 µs vs 40.0 µs raw (+9.0 %), alternating rounds" in text
 
 
-def _serving(server: str, batch: int, levels: list[tuple[int, float, float, float | None]]) -> dict:
-    """A serving benchmark as benchmarks/test_serving.py records it: (concurrency, requests/s, the no-op floor's
-    requests/s, server batch) per round."""
+def _serving(batch: int, rounds: dict[str, list[tuple[int, float, float | None]]],
+             in_process: list[tuple[float, float]] | None = None) -> dict:
+    """A serving benchmark as benchmarks/test_serving.py records it: per server, (concurrency, requests/s, server
+    batch) per round; and (images/s, median call ms) of the model in-process after each round."""
     def level(c: int, rate: float, avg: float | None) -> dict:
         return {"concurrency": c, "infer_per_s": rate, "images_per_s": rate * batch, "server_avg_batch": avg,
                 "latency_ms": {"p50": 1000 * c / rate, "p90": None, "p99": 3000 * c / rate, "mean": None, "max": None},
                 "errors": {"503": 2} if avg else {}}
 
-    return _bench(f"test_serving[{server}-b{batch}]", 20.0, kind="serving", server=server, batch=batch,
-                  levels=[level(c, rate, avg) for c, rate, _, avg in levels],
-                  floor_levels=[level(c, floor, None) for c, _, floor, _ in levels])
+    return _bench(f"test_serving[b{batch}]", 20.0, kind="serving", batch=batch, floor="noop",
+                  servers={name: [level(*r) for r in levels] for name, levels in rounds.items()},
+                  **({} if in_process is None else
+                     {"in_process": [{"images_per_s": rate, "p50_ms": ms} for rate, ms in in_process]}))
 
 
 def test_serving_table_shares_and_targets(tmp_path: Path) -> None:
     data = {**RESULTS, "benchmarks": [
-        # First on purpose (the report sorts); three rounds at concurrency 32: ratios 0.9, 1.0, 0.8.
-        _serving("serve", 1, [(1, 3000.0, 5000.0, 1.0), (32, 7200.0, 8000.0, 2.5), (32, 6000.0, 6000.0, 2.0),
-                              (32, 8000.0, 10000.0, 3.0)]),
-        _serving("naive", 1, [(1, 3600.0, 4500.0, None), (32, 5000.0, 6250.0, None)]),
-        _serving("naive", 64, [(4, 400.0, 1000.0, None)])]}
+        # concurrency 1, then three rounds at 32: shares of the floor 0.9, 1.0, 0.8 for serve, 0.8 for naive
+        _serving(1, {"noop": [(1, 5000.0, None), (32, 8000.0, None), (32, 6000.0, None), (32, 10000.0, None)],
+                     "naive": [(1, 3600.0, None), (32, 6400.0, None), (32, 4800.0, None), (32, 8000.0, None)],
+                     "serve": [(1, 3000.0, 1.0), (32, 7200.0, 2.5), (32, 6000.0, 2.0), (32, 8000.0, 3.0)]},
+                 in_process=[(20000.0, 0.05), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)]),
+        # two rounds: serve 25,600 and 32,000 images/s against 64,000 and 51,200 in-process: 40 % and 62.5 %
+        _serving(64, {"noop": [(4, 1000.0, None), (4, 1000.0, None)], "naive": [(4, 400.0, None), (4, 250.0, None)],
+                      "serve": [(4, 400.0, None), (4, 500.0, None)]},
+                 in_process=[(64000.0, 1.0), (51200.0, 1.25)])]}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     rows = load_serving_rows([path])
     assert [(r["server"], r["batch"], r["concurrency"]) for r in rows] == [
-        ("naive", 1, 1), ("serve", 1, 1), ("naive", 1, 32), ("serve", 1, 32), ("naive", 64, 4)]
+        ("naive", 1, 1), ("serve", 1, 1), ("naive", 1, 32), ("serve", 1, 32), ("naive", 64, 4), ("serve", 64, 4)]
     by = {(r["server"], r["batch"], r["concurrency"]): r for r in rows}
     assert by[("serve", 1, 32)]["rounds"] == 3 and by[("serve", 1, 32)]["share_of_floor"] == pytest.approx(0.9)
-    assert by[("naive", 64, 4)]["share_of_floor"] == pytest.approx(0.4)
+    assert by[("serve", 1, 32)]["vs_naive"] == pytest.approx(1.125)  # 7200/6400, 6000/4800, 8000/8000
+    assert by[("naive", 64, 4)]["share_of_floor"] == pytest.approx((0.4 + 0.25) / 2)
+    assert by[("naive", 64, 4)]["vs_naive"] is None
     assert load_other_rows([path]) == []  # serving rows only in their own table
     text = render_markdown([], [], serving=rows)
-    assert "| serve | 1 | 32 | 7,200 | 7,200 | 4.44 | 13.3 | 8,000 | 90.0 % | 2.5 | 503: 6 |" in text  # medians
-    assert "| naive | 64 | 4 | 400 | 25,600 | 10 | 30 | 1,000 | 40.0 % | – | none |" in text
+    assert "| serve | 1 | 32 | 7,200 | 7,200 | 4.44 | 13.3 | 8,000 | 90.0 % | 1.12× | 2.5 | 503: 6 |" in text  # medians
+    assert "| naive | 64 | 4 | 325 | 20,800 | 13 | 39 | 1,000 | 32.5 % | – | – | none |" in text
     assert ("- toolkit serve, single-image requests, concurrency 32: ≥ 70 % of the no-op server's requests/s: "
             "90.0 % — **met**") in text
-    # Shares of each one's own floor: 60 % / 80 % at concurrency 1, 90 % / 80 % at 32.
     assert ("- toolkit serve, single-image requests: ≥ the naive inline server's requests/s at every concurrency "
-            "(as shares of the floor beside each): 0.75× (concurrency 1), 1.12× (concurrency 32) — **not met**"
-            ) in text
+            "(median of the rounds' ratios): 0.83× (concurrency 1), 1.12× (concurrency 32) — **not met**") in text
+    assert by[("serve", 64, 4)]["share_of_in_process"] == pytest.approx((0.4 + 0.625) / 2)
+    assert ("- toolkit serve, 64-image requests from 4 clients: ≥ 50 % of the model's images/s in-process at that "
+            "batch (same threads, alternating rounds): 51.2 % — **met**") in text
+    # concurrency 1: a p50 of 1000 * 1 / 3000 = 0.333 ms against a 0.05 ms call in-process
+    assert by[("serve", 1, 1)]["added_p50_ms"] == pytest.approx(1000 / 3000 - 0.05)
+    assert "- toolkit serve, concurrency 1: adds ≤ 1 ms p50 over the in-process call: +0.28 ms — **met**" in text
+
+
+def test_a_serving_result_of_an_older_format_is_one_clear_error(tmp_path: Path) -> None:
+    old = {**RESULTS, "benchmarks": [_bench("test_serving[serve-b1]", 20.0, kind="serving", server="serve", batch=1,
+                                            levels=[], floor_levels=[])]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    with pytest.raises(BenchReportError, match="lacks batch/floor/servers"):
+        load_serving_rows([path])
 
 
 def _step(model: str, precision: str, layout: str, batch: int, images_per_s: float) -> dict:

@@ -155,6 +155,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self._key = None if self.config.api_key is None else f"Bearer {self.config.api_key}".encode()
+        self.metrics.in_flight = lambda: self.in_flight  # read at scrape time
 
     def model(self, name: str, version: str | None = None) -> ServedModel:
         if name not in self.models:
@@ -221,7 +222,6 @@ def build_app(state: ServerState) -> Starlette:
             name = request.path_params["model"]
             label = name if name in state.models else UNKNOWN_MODEL
             state.in_flight += 1
-            metrics.in_flight.inc()
             try:
                 if state.draining:
                     raise HTTPError(503, "the server is shutting down", {"connection": "close"})
@@ -238,7 +238,6 @@ def build_app(state: ServerState) -> Starlette:
                 response = _error(HTTPError(status, _without_path(exc, state.models[name])))
             finally:
                 state.in_flight -= 1
-                metrics.in_flight.dec()
             metrics.model(label).answered(response.status_code, time.perf_counter() - start)
             return response
         return endpoint
@@ -292,12 +291,13 @@ def build_app(state: ServerState) -> Starlette:
     def prometheus(_: Request) -> Response:
         return Response(metrics.exposition(), headers={"content-type": CONTENT_TYPE})
 
+    prefixes = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
     model_routes = []
-    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+    for prefix in prefixes:
         model_routes += [Route(prefix, simple(model_metadata)), Route(f"{prefix}/ready", simple(model_ready)),
-                         Route(f"{prefix}/config", simple(model_config)),
-                         Route(f"{prefix}/infer", inference(infer), methods=["POST"])]
-    routes = [
+                         Route(f"{prefix}/config", simple(model_config))]
+    routes = [  # Starlette tries the routes in order: infer, nearly every request, first
+        *(Route(f"{prefix}/infer", inference(infer), methods=["POST"]) for prefix in prefixes),
         Route("/v2/health/live", lambda _: Response(status_code=200)),
         Route("/v2/health/ready", ready),
         Route("/v2", simple(lambda _: protocol.server_metadata())),
@@ -312,8 +312,8 @@ def build_app(state: ServerState) -> Starlette:
     async def lifespan(_: Starlette) -> Iterator[None]:
         for model in state.models.values():
             await model.batcher.calibrate()
-            state.log(f"model {model.name}: requests of up to {model.batcher.inline_images} images run inline "
-                      f"while its queue is empty (a thread hop takes {model.batcher.hop_s * 1e3:.3f} ms)")
+            state.log(f"model {model.name}: requests of up to {model.batcher.inline_images} images run on the event "
+                      f"loop, merged per loop turn (a thread hop takes {model.batcher.hop_s * 1e3:.3f} ms)")
         state.ready = True
         yield
 
@@ -439,8 +439,9 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print) -> None:
         url = _url(config.host, sock.getsockname()[1])
         if not _is_loopback(config.host) and config.api_key is None:
             say(f"warning: listening on {config.host} without --api-key: anyone who can reach it can use it")
+        # proxy_headers off: nothing here reads the client's address, and rewriting it costs every request
         uv_config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="on",
-                                   timeout_graceful_shutdown=config.shutdown_timeout)
+                                   proxy_headers=False, timeout_graceful_shutdown=config.shutdown_timeout)
         server = DrainingServer(uv_config, state, say)
         say(f"models: {', '.join(models)}")
         say(f"listening on {url} (OIP: {url}/v2/models/{{model}}/infer; metrics: {url}/metrics)")

@@ -4,14 +4,16 @@ Each request arrives already checked (`protocol.parse_infer`, `backends.validate
 only fail as a whole for the model's own reasons; a batch that fails on its input (logits that overflow)
 is rerun request by request, so a bad request never fails its batch-mates.
 
-Two ways to run a request:
-- **inline**, on the event loop, when nothing is queued, a session is idle, no queue delay is set (a delay
-  asks for batches) and the model's estimated time for the request (timed at start-up, then kept up to date
-  by every execution, so it follows the machine's load) is below the cost of handing work to a thread and
-  back (measured at start-up, `calibrate`). For a cheap model (the tutorial net: about 40 µs an image) a thread hop costs more than
-  the model, and batching at low load only adds that hop (a plain batcher served 59 % of the HTTP floor's
-  requests/s where inline calls served 76 %, on 2 cores).
-- **batched**, otherwise: requests queue, and whenever a session (`--instances`) is idle the queue's head is
+Two ways to run a request, chosen by its size against the model's cost, timed once at start-up
+(`warm_up`: the model at 1 and at `max_batch` images; `calibrate`: a round trip through a worker thread):
+- **on the event loop, merged per loop turn**, when the request's images take the model less time than
+  handing them to a thread and back, and no queue delay is set (a delay asks for batches). The requests that
+  reach the batcher in one turn of the event loop (those whose bodies arrived together) run as one model
+  execution at the end of that turn (`loop.call_soon`): no thread hop, no wait (the next turn starts at once),
+  and under load the merged batch costs the model far less than its requests one by one. For a cheap model
+  (the tutorial net: about 40 µs an image on one thread) a thread hop costs more than the model: a plain
+  batcher served 59 % of the HTTP floor's requests/s where one inline call per request served 76 %, on 2 cores.
+- **queued for a worker thread**, otherwise: whenever a session (`--instances`) is idle the queue's head is
   merged, whole requests only, up to `max_batch` images, and run on a worker thread (ONNX Runtime releases
   the GIL, so the loop keeps reading requests meanwhile). With `delay_s` > 0 a batch that is not full waits
   until its oldest request is `delay_s` old; with 0 (the default) nothing ever waits while a session is idle:
@@ -37,9 +39,6 @@ from toolkit.core.errors import InputError
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 _TIMINGS = 20  # model calls timed per batch size at start-up; the median is kept
-# Weight of each model execution in the running estimate of the model's time (about the last 20 count): the
-# estimate follows the machine's load rather than trusting the start-up timing alone.
-_LEARN = 0.05
 
 
 class Overloaded(HTTPError):
@@ -56,11 +55,11 @@ class _Item:
 
 @dataclass
 class _Outcome:
-    """What a worker thread returns for one batch: per request, logits or the error; and its compute time."""
+    """What `_compute` returns for one batch: per request, logits or the error; and its compute time."""
 
     results: list[np.ndarray | Exception]
     seconds: float
-    executions: int = 1  # model executions it took (one per request after a failed merged batch)
+    executions: int = 1  # model executions it took (one per request after a failed merged batch; 0: it failed)
 
 
 class Batcher:
@@ -80,13 +79,16 @@ class Batcher:
         self.queued_images = 0
         self._timer: asyncio.TimerHandle | None = None
         self.flushing = False  # set by `flush`: batches no longer wait for the queue delay
+        self.turn_open = False  # a request reached the batcher in this loop turn (`_end_turn` is due)
+        self.turn: list[_Item] = []  # requests to run on the loop at the end of this turn
+        self.turn_images = 0
         # seconds for one image and for each further image (`warm_up`), and for a thread hop (`calibrate`)
         self.first_image_s = self.per_image_s = 0.0
         self.hop_s = 0.0
 
     def warm_up(self, image_shape: tuple[int, ...]) -> None:
         """Run every session at batch 1 and at `max_batch` (ONNX Runtime sizes its buffers on first use of a
-        shape), and time the model at both sizes for the inline decision."""
+        shape), and time the model at both sizes for the choice between the loop and a thread."""
         timings = {}
         for images in sorted({1, self.max_batch}):
             x = np.zeros((images, *image_shape), np.float32)
@@ -114,36 +116,33 @@ class Batcher:
 
     @property
     def inline_images(self) -> int:
-        """The most images a request may hold to run inline (0: every request goes through the queue)."""
+        """The most images a request may hold to run on the event loop (0: every request goes to a thread)."""
         if self.delay_s > 0 or self.first_image_s > self.hop_s:
             return 0
         if self.per_image_s == 0:
             return self.max_batch
         return min(self.max_batch, 1 + int((self.hop_s - self.first_image_s) / self.per_image_s))
 
-    def estimate_s(self, images: int) -> float:
-        """The model's time for `images` images: timed at start-up, then updated by every execution (`_observe`)."""
-        return self.first_image_s + self.per_image_s * (images - 1)
-
-    def _observe(self, images: int, seconds: float) -> None:
-        """Fold one execution's time into the estimate: batch 1 into the first image, larger ones into the rest."""
-        if images == 1:
-            self.first_image_s += _LEARN * (seconds - self.first_image_s)
-        else:
-            self.per_image_s += _LEARN * (max(0.0, (seconds - self.first_image_s) / (images - 1)) - self.per_image_s)
-        self.metrics.executed(images, seconds)
-
     async def infer(self, images: np.ndarray, deadline: float | None) -> np.ndarray:
         """Logits for a checked N×3×32×32 float32 batch (N <= max_batch), by `deadline` (perf_counter seconds)."""
-        if not self.queue and self.idle and self.delay_s == 0 and self.estimate_s(len(images)) <= self.hop_s:
-            return self._inline(images)
+        loop = asyncio.get_running_loop()
+        if len(images) <= self.inline_images and not self.turn_open:
+            # the turn's first request runs at once; those after it in the same turn, merged at its end
+            self.turn_open = True
+            loop.call_soon(self._end_turn)
+            if self.idle:
+                return self._run_now(images)
+        item = _Item(images, loop.create_future(), time.perf_counter())
+        if len(images) <= self.inline_images:
+            if self.turn_images + len(images) > self.max_batch:
+                self._run_turn()  # full: run what this turn holds now, and gather again
+            self.turn.append(item)
+            self.turn_images += len(images)
+            return await item.future  # answered at the end of this turn: no deadline can pass meanwhile
         if len(self.queue) >= self.max_queue:
             raise Overloaded(f"model '{self.model}': {len(self.queue)} requests queued (--max-queue "
                              f"{self.max_queue}); retry later")
-        item = _Item(images, asyncio.get_running_loop().create_future(), time.perf_counter())
-        self.queue.append(item)
-        self.queued_images += len(images)
-        self._pump()
+        self._enqueue([item])
         if deadline is None:
             return await item.future
         try:
@@ -151,16 +150,39 @@ class Batcher:
         except TimeoutError:  # wait_for cancelled the future: a batch not yet formed skips it
             raise HTTPError(504, f"model '{self.model}': no result within --timeout-ms") from None
 
-    def _inline(self, images: np.ndarray) -> np.ndarray:
+    def _enqueue(self, items: list[_Item]) -> None:
+        self.queue.extend(items)
+        self.queued_images += sum(len(item.images) for item in items)
+        self._pump()
+
+    def _run_now(self, images: np.ndarray) -> np.ndarray:
+        """One request on the loop, at once (no future, no wait)."""
         backend = self.idle.pop()
-        try:
-            start = time.perf_counter()
-            logits = backend.predict_logits(images)
-            self.metrics.queue_seconds.observe(0.0)
-            self._observe(len(images), time.perf_counter() - start)
-            return logits
-        finally:
-            self.idle.append(backend)
+        self.metrics.queue_seconds.observe(0.0)
+        outcome = _compute(backend, [images])
+        self.idle.append(backend)
+        self._count(outcome, len(images))
+        if isinstance(outcome.results[0], Exception):
+            raise outcome.results[0]
+        return outcome.results[0]
+
+    def _end_turn(self) -> None:
+        self.turn_open = False
+        self._run_turn()
+
+    def _run_turn(self) -> None:
+        """Run the requests gathered in this loop turn as one execution on the loop, or queue them for a thread
+        when every session is busy."""
+        batch, self.turn, self.turn_images = self.turn, [], 0
+        if not batch:
+            return
+        if not self.idle:
+            self._enqueue(batch)
+            return
+        backend = self._take(batch)
+        outcome = _compute(backend, [item.images for item in batch])
+        self.idle.append(backend)
+        self._answer(batch, outcome)
 
     def _pump(self) -> None:
         """Start batches while a session is idle and requests wait."""
@@ -195,27 +217,31 @@ class Batcher:
         self._timer = None
         self._pump()
 
-    def _start(self, batch: list[_Item]) -> None:
-        backend = self.idle.pop()
+    def _take(self, batch: list[_Item]) -> Backend:
+        """An idle session for `batch`, whose requests stop waiting now."""
         now = time.perf_counter()
         for item in batch:
             self.metrics.queue_seconds.observe(now - item.queued_at)
+        return self.idle.pop()
+
+    def _start(self, batch: list[_Item]) -> None:
+        backend = self._take(batch)
         inputs = [item.images for item in batch]
         running = asyncio.get_running_loop().run_in_executor(self.executor, _compute, backend, inputs)
-        running.add_done_callback(lambda done: self._finish(backend, batch, done))
+        running.add_done_callback(lambda done: self._finish(backend, batch, done.result()))
 
-    def _finish(self, backend: Backend, batch: list[_Item], done: asyncio.Future) -> None:
+    def _finish(self, backend: Backend, batch: list[_Item], outcome: _Outcome) -> None:
         self.idle.append(backend)
-        try:
-            outcome: _Outcome = done.result()
-        except Exception as exc:  # noqa: BLE001 - the model's own failure: every request of the batch gets it
-            outcome = _Outcome([exc] * len(batch), 0.0)
-        else:
-            images = sum(len(item.images) for item in batch)
-            if outcome.executions == 1:
-                self._observe(images, outcome.seconds)
-            else:  # a failed merged batch and its reruns: no clean timing
-                self.metrics.executed(images, outcome.seconds, outcome.executions)
+        self._answer(batch, outcome)
+        self._pump()
+
+    def _count(self, outcome: _Outcome, images: int) -> None:
+        if outcome.executions:
+            self.metrics.executed(images, outcome.seconds, outcome.executions)
+
+    def _answer(self, batch: list[_Item], outcome: _Outcome) -> None:
+        """Count the execution(s) and hand each request its logits or its error."""
+        self._count(outcome, sum(len(item.images) for item in batch))
         for item, result in zip(batch, outcome.results):
             if item.future.done():  # timed out while it ran
                 continue
@@ -223,26 +249,29 @@ class Batcher:
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
-        self._pump()
 
 
 def _compute(backend: Backend, inputs: list[np.ndarray]) -> _Outcome:
-    """On a worker thread: one model execution for the whole batch, its logits split back per request.
+    """On the loop or a worker thread: one model execution for the whole batch, its logits split back per
+    request; never raises.
 
     If the merged batch fails on its input (`InputError`: values so large the model overflows), each request
-    runs alone, so only the one that caused it gets the error."""
+    runs alone, so only the one that caused it gets the error. Any other failure is the model's own: every
+    request of the batch gets it."""
     start = time.perf_counter()
     x = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
     try:
         logits = backend.predict_logits(x)
-    except InputError as exc:
+    except Exception as exc:  # noqa: BLE001 - answered to each request, never lost on the loop or a thread
+        if not isinstance(exc, InputError):
+            return _Outcome([exc] * len(inputs), time.perf_counter() - start, executions=0)
         if len(inputs) == 1:
             return _Outcome([exc], time.perf_counter() - start)
         results: list[np.ndarray | Exception] = []
         for images in inputs:
             try:
                 results.append(backend.predict_logits(images))
-            except InputError as one:
+            except Exception as one:  # noqa: BLE001 - this request's own error
                 results.append(one)
         return _Outcome(results, time.perf_counter() - start, executions=1 + len(inputs))
     seconds = time.perf_counter() - start
