@@ -11,7 +11,7 @@ Two ways to run a request, chosen by its size against the model's cost, timed on
   reach the batcher in one turn of the event loop (those whose bodies arrived together) run as one model
   execution at the end of that turn (`loop.call_soon`): no thread hop, no wait (the next turn starts at once),
   and under load the merged batch costs the model far less than its requests one by one. For a cheap model
-  (the tutorial net: about 40 µs an image on one thread) a thread hop costs more than the model: a plain
+  (the tutorial net: 30-40 µs an image on one thread) a thread hop costs more than the model: a plain
   batcher served 59 % of the HTTP floor's requests/s where one inline call per request served 76 %, on 2 cores.
 - **queued for a worker thread**, otherwise: whenever a session (`--instances`) is idle the queue's head is
   merged, whole requests only, up to `max_batch` images, and run on a worker thread (ONNX Runtime releases
@@ -126,14 +126,15 @@ class Batcher:
     async def infer(self, images: np.ndarray, deadline: float | None) -> np.ndarray:
         """Logits for a checked N×3×32×32 float32 batch (N <= max_batch), by `deadline` (perf_counter seconds)."""
         loop = asyncio.get_running_loop()
-        if len(images) <= self.inline_images and not self.turn_open:
+        on_loop = len(images) <= self.inline_images
+        if on_loop and not self.turn_open:
             # the turn's first request runs at once; those after it in the same turn, merged at its end
             self.turn_open = True
             loop.call_soon(self._end_turn)
             if self.idle:
                 return self._run_now(images)
         item = _Item(images, loop.create_future(), time.perf_counter())
-        if len(images) <= self.inline_images:
+        if on_loop:
             if self.turn_images + len(images) > self.max_batch:
                 self._run_turn()  # full: run what this turn holds now, and gather again
             self.turn.append(item)
@@ -157,10 +158,8 @@ class Batcher:
 
     def _run_now(self, images: np.ndarray) -> np.ndarray:
         """One request on the loop, at once (no future, no wait)."""
-        backend = self.idle.pop()
         self.metrics.queue_seconds.observe(0.0)
-        outcome = _compute(backend, [images])
-        self.idle.append(backend)
+        outcome = self._on_loop([images])
         self._count(outcome, len(images))
         if isinstance(outcome.results[0], Exception):
             raise outcome.results[0]
@@ -179,10 +178,14 @@ class Batcher:
         if not self.idle:
             self._enqueue(batch)
             return
-        backend = self._take(batch)
-        outcome = _compute(backend, [item.images for item in batch])
+        self._waited(batch)
+        self._answer(batch, self._on_loop([item.images for item in batch]))
+
+    def _on_loop(self, inputs: list[np.ndarray]) -> _Outcome:
+        backend = self.idle.pop()
+        outcome = _compute(backend, inputs)
         self.idle.append(backend)
-        self._answer(batch, outcome)
+        return outcome
 
     def _pump(self) -> None:
         """Start batches while a session is idle and requests wait."""
@@ -217,15 +220,15 @@ class Batcher:
         self._timer = None
         self._pump()
 
-    def _take(self, batch: list[_Item]) -> Backend:
-        """An idle session for `batch`, whose requests stop waiting now."""
+    def _waited(self, batch: list[_Item]) -> None:
+        """The requests of `batch` stop waiting now."""
         now = time.perf_counter()
         for item in batch:
             self.metrics.queue_seconds.observe(now - item.queued_at)
-        return self.idle.pop()
 
     def _start(self, batch: list[_Item]) -> None:
-        backend = self._take(batch)
+        self._waited(batch)
+        backend = self.idle.pop()
         inputs = [item.images for item in batch]
         running = asyncio.get_running_loop().run_in_executor(self.executor, _compute, backend, inputs)
         running.add_done_callback(lambda done: self._finish(backend, batch, done.result()))
