@@ -293,6 +293,24 @@ def test_bad_request_gets_its_own_one_line_4xx_and_the_server_keeps_serving(serv
     np.testing.assert_array_equal(binary_logits(response_headers, answer)[1], expected)
 
 
+def test_infer_paths_answer_as_routes_do(server: Server, exported: Export) -> None:
+    """Infer requests skip Starlette's router: the versioned path still infers, and other methods or longer
+    paths still get Starlette's one-line 405 and 404."""
+    name = model_name(exported, "onnx")
+    x = images_batch(3, seed=5)
+    body, headers = binary_infer_body(x)
+    status, response_headers, answer = request(server, "POST", f"/v2/models/{name}/versions/1/infer", body, headers)
+    assert status == 200
+    expected = load_backend(exported.dir / "model.onnx", threads=1, provider="cpu").predict_logits(x)
+    np.testing.assert_array_equal(binary_logits(response_headers, answer)[1], expected)
+    for method, path, expected_status, words in (
+            ("GET", f"/v2/models/{name}/infer", 405, "Method Not Allowed: GET"),
+            ("POST", f"/v2/models/{name}/infer/more", 404, "Not Found: POST"),
+            ("POST", f"/v2/models/{name}/versions/1/2/infer", 404, "Not Found: POST")):
+        status, _, answer = request(server, method, path, body if method == "POST" else None, headers)
+        assert status == expected_status and words in json.loads(answer)["error"], (path, answer)
+
+
 def test_a_chunked_body_is_cut_off_at_the_limit(server: Server, exported: Export) -> None:
     """Without a Content-Length the limit applies while the body streams in."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT_S)

@@ -34,6 +34,7 @@ import contextlib
 import hmac
 import ipaddress
 import os
+import re
 import signal
 import socket
 import sys
@@ -74,6 +75,8 @@ PLATFORM = "onnxruntime_onnx"  # Triton's name for the platform
 _KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU", "tensorrt": "KIND_GPU"}  # Triton's instance kinds
 _DRAIN_POLL_S = 0.1  # uvicorn checks for the end of the drain on its own tick, every 0.1 s
 _LOOPBACK = ("localhost",)
+# the infer routes' paths, as Starlette's `{model}` and `{version}` match them (one path segment each)
+_INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
 @dataclass
@@ -191,16 +194,26 @@ async def read_body(request: Request, limit: int) -> bytes:
         # (closing it instead would reset the client while it still sends, and lose the answer)
         raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} (--max-request-bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:  # ASGI messages read directly: Request.stream(), an async generator, costs microseconds more
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise HTTPError(413, f"request body exceeds the limit of {limit} bytes (--max-request-bytes)")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def build_app(state: ServerState) -> Starlette:
-    """The Starlette application: the routes above over `state`."""
+def build_app(state: ServerState) -> Callable[[dict, Callable, Callable], Awaitable[None]]:
+    """The ASGI application: the routes above over `state`, in Starlette, but for infer requests.
+
+    An infer request (nearly every request) goes straight to its endpoint, past Starlette's router and
+    middleware, which cost about 25 µs a request on the 2-core machine (a no-op endpoint answered 14,000
+    requests/s through them and 20,000-22,000 without, at concurrency 32). Any other method on an infer path, and
+    every other route, goes through Starlette, so 404, 405 and the rest answer as before."""
     metrics = state.metrics
 
     def simple(handler: Callable[[Request], Any]) -> Callable[[Request], Awaitable[Response]]:
@@ -296,8 +309,9 @@ def build_app(state: ServerState) -> Starlette:
     for prefix in prefixes:
         model_routes += [Route(prefix, simple(model_metadata)), Route(f"{prefix}/ready", simple(model_ready)),
                          Route(f"{prefix}/config", simple(model_config))]
-    routes = [  # Starlette tries the routes in order: infer, nearly every request, first
-        *(Route(f"{prefix}/infer", inference(infer), methods=["POST"]) for prefix in prefixes),
+    infer_endpoint = inference(infer)
+    routes = [
+        *(Route(f"{prefix}/infer", infer_endpoint, methods=["POST"]) for prefix in prefixes),
         Route("/v2/health/live", lambda _: Response(status_code=200)),
         Route("/v2/health/ready", ready),
         Route("/v2", simple(lambda _: protocol.server_metadata())),
@@ -322,7 +336,19 @@ def build_app(state: ServerState) -> Starlette:
         return _error(HTTPError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
                                 dict(exc.headers or {})))
 
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={StarletteHTTPException: no_route})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={StarletteHTTPException: no_route})
+
+    async def asgi(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["path_params"] = {k: v for k, v in match.groupdict().items() if v is not None}
+                response = await infer_endpoint(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return asgi
 
 
 def _without_path(exc: ToolkitError, model: ServedModel) -> str:
