@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from toolkit.training.config import DataConfig
-from toolkit.training.data import (BatchedImages, EpochPermutation, crop_and_flip, load_splits, make_synthetic,
-                          normalize, stratified_holdout, write_imagefolder)
+from toolkit.training.data import (BatchedImages, EpochPermutation, crop_and_flip, load_splits, make_loader,
+                          make_synthetic, normalize, stratified_holdout, write_imagefolder)
 from toolkit.core.errors import DataError
 
 
@@ -64,6 +64,19 @@ def test_augmentation_and_order_depend_only_on_seed_and_epoch():
     assert sorted(first) == list(range(100)) and first == list(s)
     s.set_epoch(2)
     assert list(s) != first
+
+
+def test_channels_last_batches_hold_the_same_values_in_the_models_layout():
+    train, _ = make_synthetic(40, 10)
+    plain, last = (make_loader(train, 16, shuffle=True, augment=True, seed=1, memory_format=layout)
+                   for layout in (torch.contiguous_format, torch.channels_last))
+    for (x, y), (x_last, y_last) in zip(plain, last):
+        assert x.is_contiguous() and not x_last.is_contiguous()
+        assert x_last.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, x_last) and torch.equal(y, y_last)
+    first, labels = last.dataset.first_batch(100)  # more than the split holds: all of it
+    assert first.shape == (40, 3, 32, 32) and first.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(first, last.dataset.__getitems__(list(range(40)))[0]) and len(labels) == 40
 
 
 def _imagefolder(root: Path, with_test: bool = True) -> None:

@@ -125,12 +125,15 @@ def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tens
 class BatchedImages(Dataset):
     """A `Split` served a batch at a time: `DataLoader` calls `__getitems__` with a batch's indices.
 
-    The images, labels and this epoch's augmentation draws live on `device`; batches come out there.
+    The images, labels and this epoch's augmentation draws live on `device`; batches come out there, in
+    `memory_format` (channels_last for a channels-last model: converted in the copy that normalizes them).
     """
 
     def __init__(self, split: Split, augment: bool = False, seed: int = 0,
-                 device: torch.device | str = "cpu", crop_padding: int = CROP_PADDING) -> None:
+                 device: torch.device | str = "cpu", crop_padding: int = CROP_PADDING,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.device = torch.device(device)
+        self.memory_format = memory_format
         self.images = split.images.to(self.device)  # once per split: ~150 MB for CIFAR-10's training set
         self.labels = split.labels.to(self.device)
         self.augment = augment
@@ -163,7 +166,11 @@ class BatchedImages(Dataset):
         images = self.images[index]
         if self.augment:
             images = crop_and_flip(images, self.offsets[index], self.flips[index], self.crop_padding)
-        return normalize(images), self.labels[index]
+        return normalize(images).contiguous(memory_format=self.memory_format), self.labels[index]
+
+    def first_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `size` images (all, if fewer) as a batch, as the loader would serve them."""
+        return self.__getitems__(list(range(min(size, len(self)))))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.__getitems__([i])
@@ -203,9 +210,12 @@ def _already_batched(batch):
 
 
 def make_loader(split: Split, batch_size: int, *, shuffle: bool, augment: bool = False,
-                seed: int = 0, device: torch.device | str = "cpu", crop_padding: int = CROP_PADDING) -> DataLoader:
-    """A DataLoader over `split` yielding (float32 normalized N×3×32×32, int64 N) batches on `device`."""
-    dataset = BatchedImages(split, augment=augment, seed=seed, device=device, crop_padding=crop_padding)
+                seed: int = 0, device: torch.device | str = "cpu", crop_padding: int = CROP_PADDING,
+                memory_format: torch.memory_format = torch.contiguous_format) -> DataLoader:
+    """A DataLoader over `split` yielding (float32 normalized N×3×32×32 in `memory_format`, int64 N) batches on
+    `device`."""
+    dataset = BatchedImages(split, augment=augment, seed=seed, device=device, crop_padding=crop_padding,
+                            memory_format=memory_format)
     sampler = EpochPermutation(len(split), seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_already_batched)
 

@@ -178,11 +178,12 @@ def build_loop(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, splits
     model = build_model(cfg.model, len(splits.train.classes), import_code=True)  # the user named it
     if cfg.whiten_images:
         init_whitening(model, _sample(splits.train, cfg.whiten_images, cfg.seed))
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format  # of the model and its batches
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=layout)
     optimizer = build_optimizer(model, cfg.optim)
     train_dl = make_loader(splits.train, cfg.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,
-                           device=accelerator.device, crop_padding=cfg.data.crop_padding)
+                           device=accelerator.device, crop_padding=cfg.data.crop_padding, memory_format=layout)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     steps_per_epoch = math.ceil(len(train_dl) / cfg.optim.grad_accum_steps)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
@@ -217,10 +218,7 @@ def warm_up(loop: Loop) -> float:
     start = time.perf_counter()
     saved = {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    dataset = loop.train_dl.dataset
-    images, labels = dataset.__getitems__(list(range(min(loop.cfg.batch_size, len(dataset)))))
-    if loop.cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images, labels = loop.train_dl.dataset.first_batch(loop.cfg.batch_size)
     model.train()
     for _ in range(WARM_UP_PASSES):
         if loop.compile_mode == "reduce-overhead":
@@ -361,9 +359,7 @@ def train_one_epoch(loop: Loop, logger: MetricLogger, stop: GracefulStop) -> Non
     clock = time.perf_counter()  # training time (data and steps) runs from here; checkpoint writes pause it
     loop.model.train()
     starts_step = True  # the next micro-batch is the first of an optimizer step (of its accumulation window)
-    for images, labels in batches:
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, labels in batches:  # in the model's memory format (`make_loader`)
         if starts_step and loop.compile_mode == "reduce-overhead":
             # Once marked, CUDA graphs begin a new step only when marked again, and a new step may reuse the
             # memory of the previous step's outputs. Autograd keeps the gradients of a window's first micro-batch,
