@@ -231,10 +231,11 @@ def _serving_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
             at = [i for i, level in enumerate(levels) if int(level["concurrency"]) == concurrency]
             rounds = [levels[i] for i in at]
 
-            def ratio(other: list[dict[str, Any]], key: str = "images_per_s") -> float | None:
-                """The median over rounds of this server's `key` over `other`'s in the same round."""
+            def ratio(other: list[dict[str, Any]]) -> float | None:
+                """The median over rounds of this server's images/s over `other`'s in the same round."""
                 pairs = [(levels[i], other[i]) for i in at if i < len(other)]
-                return _median(float(r["images_per_s"]) / float(o[key]) for r, o in pairs if float(o[key]) > 0)
+                return _median(float(r["images_per_s"]) / float(o["images_per_s"]) for r, o in pairs
+                               if float(o["images_per_s"]) > 0)
 
             errors: dict[str, int] = {}
             for level in rounds:
