@@ -35,8 +35,12 @@ from toolkit.artifacts import formats
 from toolkit.artifacts.backends import PROVIDERS, load_backend
 from toolkit.artifacts.export import CALIBRATION_IMAGES, export_run
 from toolkit.artifacts.manifest import Manifest
+from toolkit.core.memory import keep_freed_memory
 from toolkit.training.data import normalize
 from toolkit.training.models import build_model
+
+# Measured as every toolkit command runs (its entry point calls this): big tensors reused, not faulted in again.
+keep_freed_memory()
 
 _SESSION: dict[str, Any] = {}  # facts learned during the session, for the results file's machine_info
 

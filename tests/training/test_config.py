@@ -88,8 +88,9 @@ def test_resume_checks_every_field_that_changes_what_the_steps_mean():
     flat = build_train_config({}).flat()
     checked = {n for n in names if resume_differences(flat, {**flat, n: "changed"})}
     assert checked == {"model", "batch_size", "mixed_precision", "whiten_images", "seed", "data", "data_dir",
-                       "val_fraction", "augment", "crop_padding", "synthetic_train_size", "synthetic_test_size", "lr",
-                       "momentum", "nesterov", "weight_decay", "decoupled_weight_decay", "norm_lr_scale", "schedule",
+                       "val_fraction", "augment", "crop_padding", "synthetic_train_size", "synthetic_test_size",
+                       "optimizer", "muon_lr", "muon_momentum", "lr", "momentum", "nesterov", "weight_decay",
+                       "decoupled_weight_decay", "norm_lr_scale", "schedule",
                        "warmup_fraction", "lr_start", "lr_end", "lookahead_every", "lookahead_decay",
                        "label_smoothing", "grad_accum_steps"}
     assert checked.isdisjoint(RESUME_MAY_CHANGE + RESUME_LENGTH)

@@ -112,6 +112,25 @@ def test_the_speednet_features_train_resume_bit_exactly_and_evaluate_with_tta(tm
     assert load_json(tmp_path / "again.json")["confusion"] == evaluation["confusion"]
 
 
+def test_muon_trains_and_resumes_bit_exactly(tmp_path):
+    common = [*TINY, "--model", "speednet", "--optimizer", "muon", "--muon-lr", "0.2", "--epochs", "2",
+              "--batch-size", "50", "--lr", "0.2", "--momentum", "0.85", "--nesterov", "--schedule", "onecycle",
+              "--warmup-fraction", "0", "--checkpoint-every", "5", "--keep-checkpoints", "10"]
+    full = tmp_path / "full"
+    assert_ok(run_cli("train", *common, "--output-dir", str(full)))
+    reference = weights(full / "model.safetensors")
+    fork = tmp_path / "fork"
+    assert_ok(run_cli("train", *common, "--resume", str(full / "checkpoints" / "step_10"), "--output-dir", str(fork)))
+    resumed = weights(fork / "model.safetensors")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    # Muon holds every trained filter bank at norm √out; the step after the last rescale moves it only a little.
+    for name, tensor in reference.items():
+        if tensor.dim() == 4 and not name.startswith("whiten"):
+            assert float(tensor.norm()) == pytest.approx(tensor.size(0) ** 0.5, rel=0.1), name
+    evaluation = load_json(full / "eval.json")
+    assert evaluation["accuracy"] > 0.5 and evaluation["seconds"] > 0
+
+
 def test_lookahead_state_left_out_of_a_checkpoint_is_refused_on_resume(tmp_path):
     run = tmp_path / "run"
     common = [*TINY, "--epochs", "1", "--batch-size", "50", "--lr", "0.1", "--lookahead-every", "2",
@@ -312,7 +331,9 @@ def test_evaluate_command_reports_per_class_and_json(tmp_path):
     assert_ok(proc)
     assert "Accuracy of the network on the 100 test images" in proc.stdout
     result = json.loads(out.read_text())
-    assert result == {**load_json(run / "eval.json"), "loss": pytest.approx(result["loss"])}
+    # The same evaluation as training's final one, but for its wall time.
+    assert result == {**load_json(run / "eval.json"), "loss": pytest.approx(result["loss"]),
+                      "seconds": result["seconds"]}
     assert_clean_error(run_cli("evaluate", "--run", str(tmp_path / "nope")), "not a run folder")
     assert_clean_error(run_cli("evaluate", "--run", str(run), "--split", "val"), "validation split is empty")
 

@@ -20,6 +20,7 @@ from toolkit.apps.serving.config import DEFAULTS as SERVE_DEFAULTS
 from toolkit.artifacts import formats
 from toolkit.artifacts.backends import DEFAULT_MAX_BATCH, DEFAULT_PROVIDER, PROVIDERS
 from toolkit.core.errors import ToolkitError, exit_code
+from toolkit.core.memory import keep_freed_memory
 from toolkit.training.config import (DATA_SOURCES, HELD_OUT_SPLITS, RECIPES, TTA_LEVELS, TrainConfig, build_train_config,
                                      field_type, flag_name, leaf_fields, read_config_file)
 from toolkit.training.status import RunStatus, describe_status, status_field
@@ -346,6 +347,7 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # big tensors reused, not faulted in again each training or inference step
     try:
         return args.func(args)
     except ToolkitError as exc:

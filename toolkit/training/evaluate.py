@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class EvalResult:
     split: str = "test"
     loss: float | None = None
     tta: str = "none"  # the test-time augmentation the logits were averaged over (toolkit.core.images.TTA_VIEWS)
+    seconds: float | None = None  # wall time of the evaluation, all views included (a time-to-accuracy counts it)
 
     @property
     def n(self) -> int:
@@ -56,13 +58,14 @@ class EvalResult:
             "confusion": self.confusion.tolist(),
             "loss": self.loss,
             "tta": self.tta,
+            "seconds": self.seconds,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EvalResult:
         """The inverse of `to_json` (the derived fields are recomputed from the confusion matrix)."""
         return cls(torch.tensor(d["confusion"], dtype=torch.long), list(d["classes"]), d["split"], d.get("loss"),
-                   d.get("tta", "none"))
+                   d.get("tta", "none"), d.get("seconds"))
 
     @classmethod
     def read(cls, path: Path) -> EvalResult:
@@ -91,6 +94,7 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, classes: list[s
              split: str = "test", tta: str = "none") -> EvalResult:
     """Run `model` over a prepared `loader`, averaging its logits over the views of `tta` (`tta_logits`); every
     process returns the same, exact totals."""
+    start = time.perf_counter()
     was_training = model.training
     model.eval()
     num_classes = len(classes)
@@ -107,9 +111,10 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, classes: list[s
         confusion += ((labels * num_classes + preds)[:, None] == cells).sum(dim=0)
         loss_sum += losses.double().sum()
     model.train(was_training)
-    confusion = confusion.view(num_classes, num_classes).cpu()
+    confusion = confusion.view(num_classes, num_classes).cpu()  # waits for the device: the clock stops after it
     n = int(confusion.sum())
-    return EvalResult(confusion, classes, split, float(loss_sum) / n if n else None, tta)
+    return EvalResult(confusion, classes, split, float(loss_sum) / n if n else None, tta,
+                      time.perf_counter() - start)
 
 
 def evaluate_run(run_dir: Path, data_overrides: dict[str, Any], split: str = "test",
