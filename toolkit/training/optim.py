@@ -56,7 +56,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     their norm is held fixed (`Muon`)."""
     norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    filters = [p for p in trainable if p.dim() >= 4 and id(p) not in norm] if cfg.optimizer == "muon" else []
+    filters = [p for p in trainable if p.dim() >= 4] if cfg.optimizer == "muon" else []  # norms' are 1-D
     muon = {id(p) for p in filters}
     groups = []
     for params, lr in (([p for p in trainable if id(p) not in norm and id(p) not in muon], cfg.lr),
